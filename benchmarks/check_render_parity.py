@@ -1,0 +1,251 @@
+#!/usr/bin/env python
+"""GPU parity check: gsplat.rasterization (CUDA) vs rasterization_reference (PyTorch).
+
+Runs both renderers on the same CUDA tensors for several random scenes (SH degree 3,
+tile_size=16, random backgrounds), then reports
+
+* max |image diff| and max |alpha diff| (criterion: <= --img-tol, default 1e-4),
+* gradient relative errors ||g_ref - g_gsplat|| / ||g_gsplat|| for means, quats,
+  scales, opacities, SH coefficients, backgrounds and the 2D means (criterion:
+  <= --grad-tol, default 1e-3), plus absgrad of the 2D means,
+* radii mismatches and forward timings (informative).
+
+Prints a markdown table, writes JSON to ``--out`` and exits with status 1 when a
+criterion fails (2 when no CUDA device / gsplat is available).
+
+Usage::
+
+    python benchmarks/check_render_parity.py --out parity.json
+    python benchmarks/check_render_parity.py --quick --out parity.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+try:
+    from nerfstudio_splat_ext.render.reference import rasterization_reference
+except ImportError:  # running from a checkout without installing the package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from nerfstudio_splat_ext.render.reference import rasterization_reference
+
+GRAD_KEYS = ("means", "quats", "scales", "opacities", "colors", "backgrounds", "means2d")
+
+
+def look_at(eye: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """World-to-camera matrix (OpenCV: x right, y down, z forward) looking at target."""
+    fwd = target - eye
+    fwd = fwd / fwd.norm()
+    up = torch.tensor([0.0, -1.0, 0.0], dtype=eye.dtype, device=eye.device)
+    right = torch.linalg.cross(fwd, up)
+    if right.norm() < 1e-6:
+        right = torch.tensor([1.0, 0.0, 0.0], dtype=eye.dtype, device=eye.device)
+    right = right / right.norm()
+    down = torch.linalg.cross(fwd, right)
+    R = torch.stack([right, down, fwd])  # rows: camera axes in world coordinates
+    vm = torch.eye(4, dtype=eye.dtype, device=eye.device)
+    vm[:3, :3] = R
+    vm[:3, 3] = -R @ eye
+    return vm
+
+
+def make_scene(seed: int, n: int, n_cams: int, width: int, height: int, device: torch.device) -> Dict:
+    """Gaussians in a ball of radius ~1.2 seen by cameras at distance ~4 (mostly on screen)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    means = torch.randn(n, 3, generator=g) * 0.5
+    means = means.clamp(-1.4, 1.4)
+    # world size -> ~1.5..20 px sigma at 800 px width (scaled with the image size)
+    log_s = torch.empty(n, 3).uniform_(math.log(0.004), math.log(0.05), generator=g)
+    scales = torch.exp(log_s) * (1.0 if n < 10000 else 0.6)
+    quats = torch.randn(n, 4, generator=g)
+    opacities = torch.sigmoid(torch.randn(n, generator=g) * 1.5 + 0.5)
+    sh = torch.randn(n, 16, 3, generator=g) * 0.15
+    sh[:, 0, :] = (torch.rand(n, 3, generator=g) - 0.5) / 0.2820947917738781
+
+    viewmats, Ks = [], []
+    for c in range(n_cams):
+        ang = 2.0 * math.pi * (c / max(n_cams, 1)) * 0.15 + 0.1 * seed
+        eye = torch.tensor([4.0 * math.sin(ang), -0.6 + 0.2 * c, -4.0 * math.cos(ang)])
+        viewmats.append(look_at(eye, torch.zeros(3)))
+        f = 1.1 * width
+        Ks.append(torch.tensor([[f, 0.0, width / 2 + 1.3], [0.0, f * 1.02, height / 2 - 0.7], [0.0, 0.0, 1.0]]))
+    backgrounds = torch.rand(n_cams, 3, generator=g)
+    out = dict(means=means, quats=quats, scales=scales, opacities=opacities, colors=sh,
+               viewmats=torch.stack(viewmats), Ks=torch.stack(Ks), backgrounds=backgrounds)
+    return {k: v.to(device=device, dtype=torch.float32).contiguous() for k, v in out.items()}
+
+
+def render(fn, scene: Dict, width: int, height: int, w_img: torch.Tensor, w_a: torch.Tensor):
+    leaves = {k: scene[k].detach().clone().requires_grad_(k in GRAD_KEYS) for k in scene}
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    img, alpha, meta = fn(
+        leaves["means"], leaves["quats"], leaves["scales"], leaves["opacities"], leaves["colors"],
+        leaves["viewmats"], leaves["Ks"], width, height,
+        sh_degree=3, packed=False, tile_size=16, backgrounds=leaves["backgrounds"],
+        render_mode="RGB", rasterize_mode="classic", absgrad=True,
+    )
+    torch.cuda.synchronize()
+    t_fwd = time.perf_counter() - t0
+    meta["means2d"].retain_grad()
+    loss = (img * w_img).sum() + (alpha * w_a).sum()
+    t0 = time.perf_counter()
+    loss.backward()
+    torch.cuda.synchronize()
+    t_bwd = time.perf_counter() - t0
+    grads = {k: leaves[k].grad for k in GRAD_KEYS if k != "means2d"}
+    grads["means2d"] = meta["means2d"].grad
+    absgrad = getattr(meta["means2d"], "absgrad", None)
+    return img.detach(), alpha.detach(), meta, grads, absgrad, t_fwd, t_bwd
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a = a.double()
+    b = b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def run_case(seed: int, n: int, n_cams: int, width: int, height: int, args, device) -> Dict:
+    from gsplat import rasterization
+
+    scene = make_scene(seed, n, n_cams, width, height, device)
+    g = torch.Generator(device="cpu").manual_seed(seed + 1000)
+    w_img = (torch.rand(n_cams, height, width, 3, generator=g) - 0.5).to(device)
+    w_a = (torch.rand(n_cams, height, width, 1, generator=g) - 0.5).to(device)
+
+    img_g, a_g, meta_g, gr_g, abs_g, tf_g, tb_g = render(rasterization, scene, width, height, w_img, w_a)
+    img_r, a_r, meta_r, gr_r, abs_r, tf_r, tb_r = render(rasterization_reference, scene, width, height, w_img, w_a)
+
+    radii_g, radii_r = meta_g["radii"], meta_r["radii"]
+    valid = (radii_g > 0) & (radii_r > 0)
+    img_diff = (img_r - img_g).abs()
+    row = {
+        "seed": seed, "N": n, "C": n_cams, "W": width, "H": height,
+        "visible_frac": float((radii_g > 0).float().mean()),
+        "radii_mismatch": int((radii_g != radii_r).sum()),
+        "means2d_fwd_max_abs": float((meta_r["means2d"] - meta_g["means2d"]).detach()[valid].abs().max()) if valid.any() else 0.0,
+        "img_max_abs": float(img_diff.max()),
+        "img_pixels_over_tol": int((img_diff.amax(-1) > args.img_tol).sum()),
+        "img_pixels_over_1e-5": int((img_diff.amax(-1) > 1e-5).sum()),
+        "img_pixels_over_1e-3": int((img_diff.amax(-1) > 1e-3).sum()),
+        "n_pixels": int(img_diff[..., 0].numel()),
+        "alpha_max_abs": float((a_r - a_g).abs().max()),
+        "mean_alpha": float(a_g.mean()),
+        "grad_rel": {},
+        "time_gsplat_ms": {"fwd": 1e3 * tf_g, "bwd": 1e3 * tb_g},
+        "time_reference_ms": {"fwd": 1e3 * tf_r, "bwd": 1e3 * tb_r},
+    }
+    for k in GRAD_KEYS:
+        if gr_g[k] is None or gr_r[k] is None:
+            row["grad_rel"][k] = None if gr_g[k] is None and gr_r[k] is None else float("inf")
+            continue
+        row["grad_rel"][k] = rel_err(gr_r[k], gr_g[k])
+    row["grad_rel"]["means2d_absgrad"] = (
+        rel_err(abs_r, abs_g) if abs_r is not None and abs_g is not None else float("inf")
+    )
+    fails = []
+    if row["img_max_abs"] > args.img_tol:
+        fails.append("image")
+    if row["alpha_max_abs"] > args.img_tol:
+        fails.append("alpha")
+    for k, v in row["grad_rel"].items():
+        if v is not None and not v <= args.grad_tol:
+            fails.append(f"grad:{k}")
+    row["failures"] = fails
+    row["pass"] = not fails
+    del scene, meta_g, meta_r, gr_g, gr_r
+    torch.cuda.empty_cache()
+    return row
+
+
+def markdown(rows: List[Dict]) -> str:
+    gk = list(GRAD_KEYS) + ["means2d_absgrad"]
+    head = ["seed", "N", "C", "WxH", "radii !=", "img max", "px>tol", "alpha max"] + [f"rel {k}" for k in gk]
+    head += ["gsplat ms (f/b)", "ref ms (f/b)", "pass"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [str(r["seed"]), str(r["N"]), str(r["C"]), f"{r['W']}x{r['H']}", str(r["radii_mismatch"]),
+                 f"{r['img_max_abs']:.2e}", str(r["img_pixels_over_tol"]), f"{r['alpha_max_abs']:.2e}"]
+        for k in gk:
+            v = r["grad_rel"].get(k)
+            cells.append("-" if v is None else f"{v:.2e}")
+        cells.append(f"{r['time_gsplat_ms']['fwd']:.1f}/{r['time_gsplat_ms']['bwd']:.1f}")
+        cells.append(f"{r['time_reference_ms']['fwd']:.1f}/{r['time_reference_ms']['bwd']:.1f}")
+        cells.append("ok" if r["pass"] else "FAIL: " + ",".join(r["failures"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--sizes", type=str, nargs="+", default=["320x240", "800x800"],
+                   help="image sizes WxH")
+    p.add_argument("--num-gaussians", type=int, nargs="+", default=[2000, 50000])
+    p.add_argument("--cameras", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--img-tol", type=float, default=1e-4)
+    p.add_argument("--grad-tol", type=float, default=1e-3)
+    p.add_argument("--quick", action="store_true", help="one seed, 320x240 and 800x800, N=2k/50k, C=2")
+    args = p.parse_args(argv)
+
+    if not torch.cuda.is_available():
+        print("check_render_parity: needs a CUDA device", file=sys.stderr)
+        return 2
+    try:
+        import gsplat  # noqa: F401
+    except ImportError as e:  # pragma: no cover
+        print(f"check_render_parity: gsplat not importable: {e}", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    if args.quick:
+        args.seeds, args.cameras = args.seeds[:1], [2]
+
+    cases = []
+    for seed in args.seeds:
+        for size in args.sizes:
+            w, h = (int(v) for v in size.lower().split("x"))
+            for n in args.num_gaussians:
+                for c in args.cameras:
+                    cases.append((seed, n, c, w, h))
+    # warm-up (gsplat JIT build / CUDA init) on a tiny scene
+    run_case(123, 200, 1, 64, 48, args, device)
+
+    rows = []
+    for seed, n, c, w, h in cases:
+        row = run_case(seed, n, c, w, h, args, device)
+        rows.append(row)
+        print(f"seed={seed} N={n} C={c} {w}x{h}: img {row['img_max_abs']:.2e} "
+              f"grads {max((v for v in row['grad_rel'].values() if v is not None), default=0):.2e} "
+              f"{'ok' if row['pass'] else 'FAIL ' + ','.join(row['failures'])}", flush=True)
+
+    table = markdown(rows)
+    print()
+    print(table)
+    ok = all(r["pass"] for r in rows)
+    report = {
+        "criteria": {"img_max_abs": args.img_tol, "grad_rel": args.grad_tol},
+        "device": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "gsplat": __import__("gsplat").__version__,
+        "pass": ok,
+        "cases": rows,
+    }
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+        print(f"\nwrote {args.out}")
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

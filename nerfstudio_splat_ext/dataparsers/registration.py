@@ -1,0 +1,12 @@
+"""`nerfstudio.dataparser_configs` entry point. Separate from method_configs.py on purpose: nerfstudio loads
+dataparser plugins while its own dataparser registry is half-initialised, so this module may import only the
+dataparser itself."""
+
+from nerfstudio.plugins.registry_dataparser import DataParserSpecification
+
+from nerfstudio_splat_ext.dataparsers.splat_ext_dataparser import SplatExtDataParserConfig
+
+splat_ext_data = DataParserSpecification(
+    config=SplatExtDataParserConfig(),
+    description="Blender or nerfstudio layout, detected automatically, with clear errors for bad input files.",
+)

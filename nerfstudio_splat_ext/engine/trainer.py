@@ -1,0 +1,59 @@
+"""nerfstudio's Trainer with crash-safe checkpoints.
+
+nerfstudio writes `step-N.ckpt` in place: a crash or a full disk during the write leaves a truncated file that
+`--load-dir` then picks as the newest. We write to a temporary file beside the checkpoint folder and rename it
+into place (atomic on POSIX), and only then delete older checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Type
+
+import torch
+from nerfstudio.engine.trainer import Trainer, TrainerConfig
+
+
+@dataclass
+class SplatExtTrainerConfig(TrainerConfig):
+    _target: Type = field(default_factory=lambda: SplatExtTrainer)
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    """torch.save to `path` through a temporary file in a sibling folder, fsync'ed and renamed into place."""
+    path = Path(path)
+    # A sibling folder (not the checkpoint folder itself) so that a leftover temporary file can never be mistaken
+    # for a checkpoint by nerfstudio's `--load-dir`, which parses every file name in that folder.
+    tmp_dir = path.parent.parent / (path.parent.name + ".partial")
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    tmp_path = tmp_dir / (path.name + f".{os.getpid()}.tmp")
+    with open(tmp_path, "wb") as handle:
+        torch.save(obj, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp_path, path)
+
+
+class SplatExtTrainer(Trainer):
+    config: SplatExtTrainerConfig
+
+    def save_checkpoint(self, step: int) -> None:
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        ckpt_path: Path = self.checkpoint_dir / f"step-{step:09d}.ckpt"
+        pipeline = self.pipeline.module if hasattr(self.pipeline, "module") else self.pipeline
+        atomic_torch_save(
+            {
+                "step": step,
+                "pipeline": pipeline.state_dict(),  # type: ignore[union-attr]
+                "optimizers": {k: v.state_dict() for (k, v) in self.optimizers.optimizers.items()},
+                "schedulers": {k: v.state_dict() for (k, v) in self.optimizers.schedulers.items()},
+                "scalers": self.grad_scaler.state_dict(),
+            },
+            ckpt_path,
+        )
+        if self.config.save_only_latest_checkpoint:
+            for old in self.checkpoint_dir.glob("*.ckpt"):
+                if old != ckpt_path:
+                    old.unlink()

@@ -1,0 +1,41 @@
+"""The 3DGS photometric loss: L = (1 - lambda) L1 + lambda (1 - SSIM), lambda = 0.2."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Type
+
+import torch
+from nerfstudio.configs.base_config import InstantiateConfig
+
+from nerfstudio_splat_ext.losses.ssim import ssim
+
+
+@dataclass
+class PhotometricLossConfig(InstantiateConfig):
+    """Configuration of the image reconstruction loss."""
+
+    _target: Type = field(default_factory=lambda: PhotometricLoss)
+    ssim_lambda: float = 0.2
+    """Weight of the D-SSIM term (the paper's 0.2)."""
+    ssim_window: int = 11
+    ssim_sigma: float = 1.5
+
+
+class PhotometricLoss(torch.nn.Module):
+    def __init__(self, config: PhotometricLossConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """pred, target: [H, W, 3] or [B, H, W, 3] in [0, 1]."""
+        if pred.dim() == 3:
+            pred, target = pred[None], target[None]
+        l1 = torch.abs(pred - target).mean()
+        lam = self.config.ssim_lambda
+        if lam == 0.0:
+            return l1
+        d_ssim = 1.0 - ssim(
+            pred.permute(0, 3, 1, 2), target.permute(0, 3, 1, 2), self.config.ssim_window, self.config.ssim_sigma
+        )
+        return (1.0 - lam) * l1 + lam * d_ssim

@@ -1,0 +1,71 @@
+"""nerfstudio entry points of splat-ext (`nerfstudio.method_configs` and `nerfstudio.dataparser_configs`).
+
+nerfstudio imports this module for every `ns-*` command, so it only builds config objects.
+"""
+
+from __future__ import annotations
+
+import torch
+from nerfstudio.configs.base_config import MachineConfig, ViewerConfig
+from nerfstudio.data.datamanagers.full_images_datamanager import FullImageDatamanagerConfig
+from nerfstudio.engine.optimizers import AdamOptimizerConfig
+from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
+from nerfstudio.pipelines.base_pipeline import VanillaPipelineConfig
+from nerfstudio.plugins.types import MethodSpecification
+
+from nerfstudio_splat_ext.dataparsers.splat_ext_dataparser import SplatExtDataParserConfig
+from nerfstudio_splat_ext.engine.trainer import SplatExtTrainerConfig
+from nerfstudio_splat_ext.models.splat_ext import SplatExtModelConfig
+
+MAX_STEPS = 30_000
+
+
+def _adam(lr: float) -> AdamOptimizerConfig:
+    return AdamOptimizerConfig(lr=lr, eps=1e-15)
+
+
+def splat_ext_trainer_config() -> SplatExtTrainerConfig:
+    # Learning rates after Kerbl et al. 2023; the position lr is further multiplied by the cameras' extent
+    # inside the model (SplatExtModelConfig.position_lr_scale_by_extent).
+    return SplatExtTrainerConfig(
+        method_name="splat-ext",
+        steps_per_eval_image=500,
+        steps_per_eval_batch=0,
+        steps_per_save=2000,
+        steps_per_eval_all_images=MAX_STEPS,
+        max_num_iterations=MAX_STEPS,
+        mixed_precision=False,
+        # Works without flags on a machine without a GPU (nerfstudio's default is CUDA).
+        machine=MachineConfig(device_type="cuda" if torch.cuda.is_available() else "cpu"),
+        pipeline=VanillaPipelineConfig(
+            datamanager=FullImageDatamanagerConfig(
+                dataparser=SplatExtDataParserConfig(),
+                cache_images_type="uint8",
+            ),
+            model=SplatExtModelConfig(),
+        ),
+        optimizers={
+            "means": {
+                "optimizer": _adam(1.6e-4),
+                "scheduler": ExponentialDecaySchedulerConfig(lr_final=1.6e-6, max_steps=MAX_STEPS),
+            },
+            "features_dc": {"optimizer": _adam(2.5e-3), "scheduler": None},
+            "features_rest": {"optimizer": _adam(2.5e-3 / 20), "scheduler": None},
+            "opacities": {"optimizer": _adam(0.05), "scheduler": None},
+            "scales": {"optimizer": _adam(5e-3), "scheduler": None},
+            "quats": {"optimizer": _adam(1e-3), "scheduler": None},
+            "camera_opt": {
+                "optimizer": _adam(1e-4),
+                "scheduler": ExponentialDecaySchedulerConfig(lr_final=5e-7, max_steps=MAX_STEPS, warmup_steps=1000, lr_pre_warmup=0),
+            },
+        },
+        # Bind the viewer to this machine only unless the user asks otherwise.
+        viewer=ViewerConfig(num_rays_per_chunk=1 << 15, websocket_host="127.0.0.1"),
+        vis="viewer",
+    )
+
+
+splat_ext = MethodSpecification(
+    config=splat_ext_trainer_config(),
+    description="3D Gaussian Splatting with our own density control and losses; GPU (gsplat) or CPU (PyTorch).",
+)

@@ -1,0 +1,352 @@
+"""The `splat-ext` model: 3D Gaussian Splatting (Kerbl et al. 2023) inside nerfstudio.
+
+It subclasses nerfstudio's SplatfactoModel so that the viewer and `ns-export gaussian-splat` treat it as Gaussian
+splats (same parameter names and layout), and replaces the parts that make the method:
+- rendering through `render/` (gsplat on CUDA, the pure-PyTorch reference on CPU),
+- the loss through `losses/` (0.8 L1 + 0.2 D-SSIM),
+- densification through `strategy/` (our adaptive density control),
+- initialisation (SfM points or Inria-style random points in the scene box), background handling and learning-rate
+  scaling by the scene extent after the paper, and evaluation that survives offline machines (lazy LPIPS).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Literal, Optional, Tuple, Type, Union
+
+import torch
+from nerfstudio.cameras.cameras import Cameras
+from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
+from nerfstudio.engine.optimizers import Optimizers
+from nerfstudio.models.splatfacto import SplatfactoModel, SplatfactoModelConfig
+from nerfstudio.utils.rich_utils import CONSOLE
+from torch.nn import Parameter
+
+from nerfstudio_splat_ext.losses.photometric import PhotometricLossConfig
+from nerfstudio_splat_ext.losses.ssim import ssim as ssim_fn
+from nerfstudio_splat_ext.render.backend import RenderBackend, get_rasterizer
+from nerfstudio_splat_ext.strategy.adc import ADCStrategy
+from nerfstudio_splat_ext.utils.lpips import LazyLPIPS
+
+SH_C0 = 0.28209479177387814  # Y_0^0, maps RGB to the DC spherical-harmonic coefficient
+
+
+def rgb_to_sh_dc(rgb: torch.Tensor) -> torch.Tensor:
+    return (rgb - 0.5) / SH_C0
+
+
+def num_sh_bases(degree: int) -> int:
+    return (degree + 1) ** 2
+
+
+def camera_to_world_to_viewmat(c2w: torch.Tensor) -> torch.Tensor:
+    """nerfstudio camera-to-world [C,3,4] (OpenGL: y up, z back) -> world-to-camera [C,4,4] (OpenCV: y down, z fwd)."""
+    rot = c2w[:, :3, :3] * torch.tensor([1.0, -1.0, -1.0], device=c2w.device, dtype=c2w.dtype)
+    trans = c2w[:, :3, 3:4]
+    rot_inv = rot.transpose(1, 2)
+    viewmat = torch.zeros(c2w.shape[0], 4, 4, device=c2w.device, dtype=c2w.dtype)
+    viewmat[:, :3, :3] = rot_inv
+    viewmat[:, :3, 3:4] = -rot_inv @ trans
+    viewmat[:, 3, 3] = 1.0
+    return viewmat
+
+
+def camera_extent(camera_to_worlds: torch.Tensor) -> float:
+    """The 3DGS 'cameras extent': 1.1 x the largest distance of a camera centre from the centres' mean."""
+    centres = camera_to_worlds[:, :3, 3].double()
+    radius = (centres - centres.mean(dim=0)).norm(dim=-1).max().item()
+    return 1.1 * max(radius, 1e-6)
+
+
+def knn_mean_distance(points: torch.Tensor, k: int = 3) -> torch.Tensor:
+    """Mean distance of each point to its k nearest neighbours (the paper's initial scale)."""
+    from scipy.spatial import cKDTree
+
+    pts = points.detach().cpu().double().numpy()
+    dists, _ = cKDTree(pts).query(pts, k=k + 1)
+    return torch.from_numpy(dists[:, 1:]).float().mean(dim=-1)
+
+
+@dataclass
+class SplatExtModelConfig(SplatfactoModelConfig):
+    """splat-ext: 3D Gaussian Splatting with our own densification strategy, losses and CPU reference renderer."""
+
+    _target: Type = field(default_factory=lambda: SplatExtModel)
+    background_color: Literal["auto", "random", "black", "white"] = "auto"  # type: ignore[assignment]
+    """Background composited behind the Gaussians. 'auto' takes the dataset's alpha colour when the dataparser
+    reports one (white for Blender data, matching the training targets), else black."""
+    num_downscales: int = 0
+    """Train at 1/2^d resolution at the start (0 = full resolution from step 0, as in the paper)."""
+    random_init: bool = False
+    """Initialise from random points even when the dataparser provides SfM points."""
+    num_random: int = 100_000
+    """Number of random points (Inria-style random init) when there are no SfM points."""
+    random_init_box_scale: float = 1.0
+    """Random points are drawn uniformly in the scene box scaled by this factor about its centre."""
+    init_opacity: float = 0.1
+    sh_degree: int = 3
+    sh_degree_interval: int = 1000
+    """Add one SH degree every this many steps, up to sh_degree."""
+    position_lr_scale_by_extent: bool = True
+    """Multiply the position learning rate by the cameras' extent, as the 3DGS paper does."""
+    render_backend: RenderBackend = "auto"
+    """'auto': gsplat on CUDA, our pure-PyTorch reference on CPU."""
+    reference_tile_size: int = 1
+    """Tile size of the reference rasterizer on CPU. 16 reproduces gsplat's tile lists exactly; 1 (per-pixel
+    bounding boxes) drops only faint tails outside each Gaussian's 3-sigma box and is much cheaper."""
+    loss: PhotometricLossConfig = field(default_factory=PhotometricLossConfig)
+    strategy: ADCStrategy = field(default_factory=ADCStrategy)
+    """Adaptive density control (Kerbl et al. 2023, Algorithm 1) with its schedule and thresholds."""
+    output_depth_during_training: bool = False
+
+
+class SplatExtModel(SplatfactoModel):
+    """3D Gaussian Splatting with the parts described in the module docstring."""
+
+    config: SplatExtModelConfig
+
+    # ------------------------------------------------------------------ setup
+    def populate_modules(self) -> None:
+        cfg = self.config
+        seed_xyz, seed_rgb = self._seed_points()
+        if seed_xyz is not None:
+            means = seed_xyz.float()
+            colors = seed_rgb.float() / 255.0 if seed_rgb is not None else torch.rand_like(means)
+            CONSOLE.log(f"splat-ext: initialising {means.shape[0]} Gaussians from SfM points")
+        else:
+            lo, hi = self.scene_box.aabb[0].float(), self.scene_box.aabb[1].float()
+            centre, half = (lo + hi) / 2, (hi - lo) / 2 * cfg.random_init_box_scale
+            means = centre + (torch.rand(cfg.num_random, 3) * 2 - 1) * half
+            colors = torch.rand(cfg.num_random, 3)
+            CONSOLE.log(f"splat-ext: initialising {cfg.num_random} random Gaussians in the scene box")
+        n = means.shape[0]
+        scales = torch.log(knn_mean_distance(means).clamp_min(1e-7))[:, None].repeat(1, 3)
+        quats = torch.zeros(n, 4)
+        quats[:, 0] = 1.0  # identity rotation (w, x, y, z)
+        features_dc = rgb_to_sh_dc(colors)
+        features_rest = torch.zeros(n, num_sh_bases(cfg.sh_degree) - 1, 3)
+        opacities = torch.logit(torch.full((n, 1), cfg.init_opacity))
+        self.gauss_params = torch.nn.ParameterDict(
+            {
+                "means": Parameter(means),
+                "scales": Parameter(scales),
+                "quats": Parameter(quats),
+                "features_dc": Parameter(features_dc),
+                "features_rest": Parameter(features_rest),
+                "opacities": Parameter(opacities),
+            }
+        )
+        self.camera_optimizer = cfg.camera_optimizer.setup(num_cameras=self.num_train_data, device="cpu")
+
+        from torchmetrics.image import PeakSignalNoiseRatio
+
+        self.psnr = PeakSignalNoiseRatio(data_range=1.0)
+        self.lpips_metric = LazyLPIPS()
+        self.loss_fn = cfg.loss.setup()
+        self.step = 0
+        self.crop_box = None
+        self.background_color = self._resolve_background_color()
+        self.strategy = cfg.strategy
+        self.strategy_state: Optional[dict] = None
+        self.scene_extent: Optional[float] = None
+        self.info: dict = {}
+        self.optimizers: dict = {}
+        if cfg.use_bilateral_grid:
+            raise ValueError("splat-ext does not support use_bilateral_grid")
+
+    def _seed_points(self) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        if self.config.random_init or self.seed_points is None:
+            return None, None
+        xyz, rgb = self.seed_points
+        if xyz is None or xyz.shape[0] < 4:
+            return None, None
+        return xyz, (rgb if rgb is not None and rgb.shape[0] == xyz.shape[0] else None)
+
+    def _resolve_background_color(self) -> torch.Tensor:
+        choice = self.config.background_color
+        if choice == "auto":
+            metadata = self.kwargs.get("metadata") or {}
+            colour = metadata.get("background_color")
+            return torch.as_tensor(colour, dtype=torch.float32).clone() if colour is not None else torch.zeros(3)
+        if choice == "random":
+            return torch.tensor([0.1490, 0.1647, 0.2157])  # the viewer's background, used outside training
+        return torch.ones(3) if choice == "white" else torch.zeros(3)
+
+    def _get_background_color(self) -> torch.Tensor:
+        if self.config.background_color == "random" and self.training:
+            return torch.rand(3, device=self.device)
+        return self.background_color.to(self.device)
+
+    # ------------------------------------------------------------ training hooks
+    def get_training_callbacks(
+        self, training_callback_attributes: TrainingCallbackAttributes
+    ) -> List[TrainingCallback]:
+        pipeline = training_callback_attributes.pipeline
+        cameras = pipeline.datamanager.train_dataparser_outputs.cameras if pipeline is not None else None
+        self.scene_extent = camera_extent(cameras.camera_to_worlds) if cameras is not None else 1.0
+        if self.config.position_lr_scale_by_extent:
+            self._scale_position_lr(training_callback_attributes.optimizers, self.scene_extent)
+        self.strategy.check_sanity(self.gauss_params, training_callback_attributes.optimizers.optimizers)
+        self.strategy_state = self.strategy.initialize_state(scene_extent=self.scene_extent)
+        return [
+            TrainingCallback(
+                [TrainingCallbackLocation.BEFORE_TRAIN_ITERATION],
+                self.step_cb,
+                args=[training_callback_attributes.optimizers],
+            ),
+            TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], self.step_post_backward),
+        ]
+
+    @staticmethod
+    def _scale_position_lr(optimizers: Optimizers, extent: float) -> None:
+        """Position lr = configured lr x scene extent. Idempotent (recomputed from the config), so it is right both
+        for fresh runs and after a resume that restored the scheduler's state."""
+        if "means" not in optimizers.optimizers:
+            return
+        base_lr = optimizers.config["means"]["optimizer"].lr * extent
+        optimizer = optimizers.optimizers["means"]
+        scheduler = optimizers.schedulers.get("means")
+        for group in optimizer.param_groups:
+            group["initial_lr"] = base_lr
+            group["lr"] = base_lr
+        if scheduler is not None:
+            scheduler.base_lrs = [base_lr for _ in scheduler.base_lrs]
+            lambdas = getattr(scheduler, "lr_lambdas", None)
+            if lambdas:
+                for group, fn in zip(optimizer.param_groups, lambdas):
+                    group["lr"] = base_lr * float(fn(max(scheduler.last_epoch, 0)))
+
+    def step_cb(self, optimizers: Optimizers, step: int) -> None:
+        self.step = step
+        self.optimizers = optimizers.optimizers
+
+    def step_post_backward(self, step: int) -> None:
+        if not self.info or self.strategy_state is None:
+            return
+        stats = self.strategy.step_post_backward(self.gauss_params, self.optimizers, self.strategy_state, step, self.info)
+        if stats and self.strategy.verbose:
+            CONSOLE.log(f"step {step}: {stats}")
+
+    def load_state_dict(self, dict, **kwargs):  # type: ignore[override]
+        step = self.step
+        out = super().load_state_dict(dict, **kwargs)
+        # SplatfactoModel sets step=30000 when loading; keep ours (the trainer sets it before each iteration).
+        self.step = step
+        self.strategy_state = None if self.strategy_state is None else self.strategy.initialize_state(
+            scene_extent=self.scene_extent or 1.0
+        )
+        return out
+
+    # -------------------------------------------------------------- rendering
+    def _sh_degree_to_use(self) -> int:
+        if not self.training:
+            return self.config.sh_degree
+        return min(self.step // self.config.sh_degree_interval, self.config.sh_degree)
+
+    def get_outputs(self, camera: Cameras) -> Dict[str, Union[torch.Tensor, List]]:
+        if not isinstance(camera, Cameras):
+            raise TypeError("splat-ext renders Cameras objects, got " + type(camera).__name__)
+        if self.training:
+            assert camera.shape[0] == 1, "splat-ext trains on one camera per step"
+            c2w = self.camera_optimizer.apply_to_camera(camera)
+        else:
+            c2w = camera.camera_to_worlds
+
+        params = self.gauss_params
+        means, quats, scales = params["means"], params["quats"], params["scales"]
+        opacities, f_dc, f_rest = params["opacities"], params["features_dc"], params["features_rest"]
+        if self.crop_box is not None and not self.training:
+            keep = self.crop_box.within(means).squeeze()
+            if keep.sum() == 0:
+                return self.get_empty_outputs(int(camera.width.item()), int(camera.height.item()), self.background_color.to(self.device))
+            means, quats, scales, opacities, f_dc, f_rest = (t[keep] for t in (means, quats, scales, opacities, f_dc, f_rest))
+
+        downscale = self._get_downscale_factor()
+        if downscale > 1:
+            camera.rescale_output_resolution(1 / downscale)
+        Ks = camera.get_intrinsics_matrices().to(means.device)
+        width, height = int(camera.width.item()), int(camera.height.item())
+        if downscale > 1:
+            camera.rescale_output_resolution(downscale)
+        self.last_size = (height, width)
+        viewmats = camera_to_world_to_viewmat(c2w.to(means.device).float())
+
+        render_mode = "RGB+ED" if (self.config.output_depth_during_training or not self.training) else "RGB"
+        backend, rasterize = get_rasterizer(self.config.render_backend, means.device)
+        extra = {"tile_size": self.config.reference_tile_size} if backend == "reference" else {}
+        render, alpha, info = rasterize(
+            means=means,
+            quats=quats,
+            scales=torch.exp(scales),
+            opacities=torch.sigmoid(opacities).squeeze(-1),
+            colors=torch.cat([f_dc[:, None, :], f_rest], dim=1),
+            viewmats=viewmats,
+            Ks=Ks,
+            width=width,
+            height=height,
+            packed=False,
+            near_plane=0.01,
+            far_plane=1e10,
+            render_mode=render_mode,
+            sh_degree=self._sh_degree_to_use(),
+            absgrad=self.strategy.absgrad,
+            rasterize_mode=self.config.rasterize_mode,
+            **extra,
+        )
+        if self.training:
+            self.info = info
+            self.strategy.step_pre_backward(self.gauss_params, self.optimizers, self.strategy_state, self.step, info)
+
+        background = self._get_background_color()
+        rgb = render[..., :3] + (1.0 - alpha) * background
+        rgb = torch.clamp(rgb, 0.0, 1.0)
+        depth = None
+        if render_mode == "RGB+ED":
+            depth = render[..., 3:4]
+            depth = torch.where(alpha > 0, depth, depth.detach().max()).squeeze(0)
+        if not self.training:
+            background = background.expand(height, width, 3)
+        return {"rgb": rgb.squeeze(0), "depth": depth, "accumulation": alpha.squeeze(0), "background": background}
+
+    # ------------------------------------------------------------ losses, eval
+    def get_gt_img(self, image: torch.Tensor) -> torch.Tensor:
+        if image.dtype == torch.uint8:
+            image = image.float() / 255.0
+        return self._downscale_if_required(image).to(self.device)
+
+    def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, torch.Tensor]:
+        gt = self.composite_with_background(self.get_gt_img(batch["image"]), outputs["background"])
+        pred = outputs["rgb"]
+        if "mask" in batch:
+            mask = self._downscale_if_required(batch["mask"]).to(self.device)
+            gt, pred = gt * mask, pred * mask
+        loss_dict = {"main_loss": self.loss_fn(pred, gt)}
+        if self.training:
+            self.camera_optimizer.get_loss_dict(loss_dict)
+        return loss_dict
+
+    def get_metrics_dict(self, outputs, batch) -> Dict[str, torch.Tensor]:
+        gt = self.composite_with_background(self.get_gt_img(batch["image"]), outputs["background"])
+        metrics = {"psnr": self.psnr(outputs["rgb"], gt), "gaussian_count": self.num_points}
+        self.camera_optimizer.get_metrics_dict(metrics)
+        return metrics
+
+    def get_image_metrics_and_images(
+        self, outputs: Dict[str, torch.Tensor], batch: Dict[str, torch.Tensor]
+    ) -> Tuple[Dict[str, float], Dict[str, torch.Tensor]]:
+        gt = self.composite_with_background(self.get_gt_img(batch["image"]), outputs["background"])
+        pred = outputs["rgb"]
+        combined = torch.cat([gt, pred], dim=1)
+        gt_b = gt.permute(2, 0, 1)[None]
+        pred_b = pred.permute(2, 0, 1)[None]
+        metrics: Dict[str, float] = {
+            "psnr": float(self.psnr(gt_b, pred_b).item()),
+            # 'valid' windows, as pytorch-msssim (which splatfacto reports) computes it
+            "ssim": float(ssim_fn(gt_b, pred_b, padding="valid").item()),
+            "num_gaussians": float(self.num_points),
+        }
+        lpips = self.lpips_metric(gt_b, pred_b)
+        if lpips is not None:
+            metrics["lpips"] = lpips
+        return metrics, {"img": combined}

@@ -1,0 +1,36 @@
+"""Choice of rasterizer: gsplat's CUDA kernels on GPU tensors, our pure-PyTorch reference on CPU.
+
+Both take the same keyword arguments (gsplat.rasterization's, packed=False) and return
+(render_colors [C,H,W,D], render_alphas [C,H,W,1], meta).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal, Tuple
+
+import torch
+
+RenderBackend = Literal["auto", "gsplat", "reference"]
+
+
+def resolve_backend(backend: RenderBackend, device: torch.device) -> Literal["gsplat", "reference"]:
+    if backend == "auto":
+        return "gsplat" if device.type == "cuda" else "reference"
+    if backend == "gsplat" and device.type != "cuda":
+        raise ValueError(
+            "render_backend='gsplat' needs CUDA tensors (gsplat's rasterizer is CUDA-only); "
+            "use render_backend='reference' or 'auto' on CPU"
+        )
+    return backend
+
+
+def get_rasterizer(backend: RenderBackend, device: torch.device) -> Tuple[str, Callable]:
+    """Returns (name, function) of the rasterizer to use for tensors on `device`."""
+    name = resolve_backend(backend, device)
+    if name == "gsplat":
+        from gsplat.rendering import rasterization
+
+        return name, rasterization
+    from nerfstudio_splat_ext.render.reference import rasterization_reference
+
+    return name, rasterization_reference

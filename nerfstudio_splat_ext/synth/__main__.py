@@ -1,0 +1,3 @@
+from nerfstudio_splat_ext.synth.cli import entrypoint
+
+entrypoint()

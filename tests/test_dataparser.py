@@ -1,0 +1,102 @@
+"""splat-ext-data: layout detection, background metadata, and one-line errors that name the bad file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nerfstudio_splat_ext.dataparsers.splat_ext_dataparser import DatasetError, SplatExtDataParserConfig
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_blender_layout_detected_with_white_background(tiny_synth):
+    out = SplatExtDataParserConfig(data=tiny_synth).setup().get_dataparser_outputs("train")
+    assert len(out.image_filenames) == 24
+    assert out.metadata["dataset_layout"] == "blender"
+    assert torch.equal(out.metadata["background_color"], torch.ones(3))
+    test = SplatExtDataParserConfig(data=tiny_synth).setup().get_dataparser_outputs("test")
+    assert len(test.image_filenames) == 6
+
+
+def test_nerfstudio_layout_holds_out_every_eighth_frame(fox_dir):
+    parser = SplatExtDataParserConfig(data=fox_dir, check_images=False).setup()
+    train, test = parser.get_dataparser_outputs("train"), parser.get_dataparser_outputs("test")
+    n_frames = len(json.loads((fox_dir / "transforms.json").read_text())["frames"])
+    assert len(train.image_filenames) + len(test.image_filenames) == n_frames
+    assert len(test.image_filenames) == (n_frames + 7) // 8
+    assert not set(train.image_filenames) & set(test.image_filenames)
+
+
+def test_missing_path_names_it(tmp_path):
+    missing = tmp_path / "no_such_scene"
+    with pytest.raises(DatasetError) as err:
+        SplatExtDataParserConfig(data=missing).setup().get_dataparser_outputs("train")
+    assert str(missing) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_corrupt_png_names_the_file(tiny_synth, tmp_path):
+    data = _copy(tiny_synth, tmp_path / "scene")
+    bad = data / "train" / "r_3.png"
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated PNG
+    with pytest.raises(DatasetError) as err:
+        SplatExtDataParserConfig(data=data).setup().get_dataparser_outputs("train")
+    assert str(bad) in str(err.value) and "corrupt" in str(err.value)
+
+
+def test_transforms_without_frames_names_the_file(tiny_synth, tmp_path):
+    data = _copy(tiny_synth, tmp_path / "scene")
+    transforms = data / "transforms_train.json"
+    meta = json.loads(transforms.read_text())
+    meta["frames"] = []
+    transforms.write_text(json.dumps(meta))
+    with pytest.raises(DatasetError) as err:
+        SplatExtDataParserConfig(data=data).setup().get_dataparser_outputs("train")
+    assert str(transforms) in str(err.value) and "no frames" in str(err.value)
+
+
+def test_malformed_json_names_the_file(tiny_synth, tmp_path):
+    data = _copy(tiny_synth, tmp_path / "scene")
+    transforms = data / "transforms_train.json"
+    transforms.write_text(transforms.read_text()[:-10])
+    with pytest.raises(DatasetError) as err:
+        SplatExtDataParserConfig(data=data).setup().get_dataparser_outputs("train")
+    assert str(transforms) in str(err.value) and "not valid JSON" in str(err.value)
+
+
+def _ns_train_error(data: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    ns_train = Path(sys.executable).parent / "ns-train"
+    return subprocess.run(
+        [str(ns_train), "splat-ext", "--data", str(data), "--output-dir", str(tmp_path / "out"), "--vis", "tensorboard",
+         "--max-num-iterations", "1"],
+        capture_output=True, text=True, timeout=300,
+    )
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt_png", "no_frames"])
+def test_ns_train_reports_bad_input_in_one_line(case, tiny_synth, tmp_path):
+    data = tmp_path / "scene"
+    if case == "missing":
+        named = data
+    else:
+        _copy(tiny_synth, data)
+        if case == "corrupt_png":
+            named = data / "train" / "r_0.png"
+            named.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+        else:
+            named = data / "transforms_train.json"
+            named.write_text(json.dumps({"camera_angle_x": 0.69}))
+    proc = _ns_train_error(data, tmp_path)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("splat-ext: error:") and str(named) in last, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
