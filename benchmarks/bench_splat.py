@@ -1,0 +1,199 @@
+"""Train splat-ext and nerfstudio's splatfacto on one dataset, on the same GPU, for the same number of steps, one
+after the other, then evaluate every run with the same code and write a markdown table.
+
+    python benchmarks/bench_splat.py --data ../shared/data/nerf_synthetic_lego --steps 30000 --out-dir bench/lego
+
+Methods: splat-ext (ours), splatfacto (nerfstudio defaults) and splatfacto-tuned (the flags a knowledgeable user
+sets for Blender scenes). All use the splat-ext-data dataparser, so the data, the split (Blender test split, or
+every 8th frame held out for nerfstudio-layout scenes) and the white compositing of RGBA images are identical.
+
+Training and evaluation can run in separate invocations (--methods / --skip-train), which lets long benchmarks
+be split across several commands; finished runs are found again through <out-dir>/runs.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+SPLATFACTO_TUNED = [
+    "--pipeline.model.background-color", "white",
+    "--pipeline.model.num-random", "100000",
+    "--pipeline.model.random-scale", "2.6",
+    "--pipeline.model.cull-alpha-thresh", "0.005",
+]
+METHODS: Dict[str, List[str]] = {
+    "splat-ext": ["splat-ext"],
+    "splatfacto": ["splatfacto"],
+    "splatfacto-tuned": ["splatfacto", *SPLATFACTO_TUNED],
+}
+
+# Runs the nerfstudio trainer in a child process and reports its peak GPU memory at exit.
+TRAIN_WRAPPER = r"""
+import atexit, json, sys, torch
+sys.path.insert(0, BENCH_DIR)
+from offline_lpips import patch_offline_lpips
+patch_offline_lpips()
+from nerfstudio.scripts.train import entrypoint
+def _report():
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+    print("BENCH_PEAK_MEM " + json.dumps(peak), flush=True)
+atexit.register(_report)
+sys.argv = ["ns-train"] + sys.argv[1:]
+entrypoint()
+"""
+
+
+def train(method: str, data: Path, steps: int, out_dir: Path, extra: List[str]) -> dict:
+    method_args = METHODS[method]
+    timestamp = method
+    cmd = [
+        sys.executable, "-c", TRAIN_WRAPPER.replace("BENCH_DIR", repr(str(Path(__file__).resolve().parent))),
+        *method_args[:1],
+        "--data", str(data),
+        "--output-dir", str(out_dir / "runs"),
+        "--experiment-name", "bench",
+        "--timestamp", timestamp,
+        "--vis", "tensorboard",
+        "--max-num-iterations", str(steps),
+        # Same for every method: no periodic evaluation during training, one checkpoint at the end.
+        "--steps-per-eval-image", str(10 * steps),
+        "--steps-per-eval-batch", str(10 * steps),
+        "--steps-per-eval-all-images", str(10 * steps),
+        "--steps-per-save", str(steps),
+        "--viewer.quit-on-train-completion", "True",
+        *method_args[1:],
+        *extra,
+        "splat-ext-data",
+    ]
+    print(f"[bench] training {method}: {' '.join(cmd[3:])}", flush=True)
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.time() - t0
+    log = proc.stdout + proc.stderr
+    (out_dir / f"train-{method}.log").write_text(log)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{method} training failed (see {out_dir / f'train-{method}.log'}):\n{log[-3000:]}")
+    peak = 0
+    for line in log.splitlines():
+        if line.startswith("BENCH_PEAK_MEM "):
+            peak = int(json.loads(line.split(" ", 1)[1]))
+    config = out_dir / "runs" / "bench" / method_args[0] / timestamp / "config.yml"
+    return {"method": method, "config": str(config), "train_wall_s": wall, "peak_gpu_mem_bytes": peak, "steps": steps}
+
+
+def evaluate(run: dict, side_by_side: dict) -> dict:
+    import torch
+    from nerfstudio.utils.eval_utils import eval_setup
+
+    from nerfstudio_splat_ext.losses.ssim import ssim
+    from nerfstudio_splat_ext.utils.lpips import LazyLPIPS
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from offline_lpips import patch_offline_lpips
+
+    patch_offline_lpips()
+    _, pipeline, _, _ = eval_setup(Path(run["config"]), test_mode="test")
+    model = pipeline.model
+    model.eval()
+    lpips = LazyLPIPS()
+    psnrs, ssims, lpipss = [], [], []
+    dataset = pipeline.datamanager.eval_dataset
+    with torch.no_grad():
+        for idx in range(len(dataset)):
+            camera = dataset.cameras[idx : idx + 1].to(model.device)
+            gt = dataset.get_image_float32(idx)[..., :3].to(model.device)
+            pred = model.get_outputs_for_camera(camera)["rgb"].clamp(0, 1)
+            mse = torch.mean((pred - gt) ** 2).item()
+            psnrs.append(-10 * math.log10(max(mse, 1e-12)))
+            a, b = gt.permute(2, 0, 1)[None], pred.permute(2, 0, 1)[None]
+            ssims.append(ssim(a, b, padding="valid").item())
+            value = lpips(a, b)
+            if value is not None:
+                lpipss.append(value)
+            if idx == 0:
+                side_by_side[run["method"]] = pred.cpu()
+                side_by_side["ground truth"] = gt.cpu()
+    n = len(psnrs)
+    mean = sum(psnrs) / n
+    std = math.sqrt(sum((p - mean) ** 2 for p in psnrs) / n)
+    return {
+        **run,
+        "test_views": n,
+        "psnr": mean,
+        "psnr_std": std,
+        "ssim": sum(ssims) / n,
+        "lpips": (sum(lpipss) / len(lpipss)) if lpipss else None,
+        "lpips_note": None if lpipss else lpips.skipped_reason,
+        "num_gaussians": int(model.num_points),
+    }
+
+
+def write_side_by_side(images: dict, order: List[str], path: Path, size: int = 256) -> None:
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    tiles = []
+    for name in order:
+        if name in images:
+            img = images[name].permute(2, 0, 1)[None]
+            tiles.append(F.interpolate(img, size=(size, size), mode="area")[0])
+    if tiles:
+        strip = torch.cat(tiles, dim=2).permute(1, 2, 0).clamp(0, 1)
+        Image.fromarray((strip.numpy() * 255).round().astype("uint8")).save(path)
+
+
+def markdown(results: List[dict]) -> str:
+    rows = ["| method | test PSNR (std) | SSIM | LPIPS | train wall time | Gaussians | peak GPU memory |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        lp = f"{r['lpips']:.4f}" if r.get("lpips") is not None else "n/a (weights offline)"
+        rows.append(
+            f"| {r['method']} | {r['psnr']:.2f} ({r['psnr_std']:.2f}) | {r['ssim']:.4f} | {lp} | {r['train_wall_s']:.0f} s | "
+            f"{r['num_gaussians']:,} | {r['peak_gpu_mem_bytes'] / 2**30:.2f} GiB |"
+        )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=30_000)
+    parser.add_argument("--out-dir", type=Path, required=True)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--skip-train", action="store_true", help="only evaluate the runs listed in runs.json")
+    parser.add_argument("--skip-eval", action="store_true", help="only train (evaluate in a later invocation)")
+    parser.add_argument("--image", type=Path, default=None, help="side-by-side PNG of test view 0")
+    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every ns-train")
+    args = parser.parse_args()
+
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    runs_file = args.out_dir / "runs.json"
+    runs = json.loads(runs_file.read_text()) if runs_file.exists() else {}
+    if not args.skip_train:
+        for method in args.methods:
+            runs[method] = train(method, args.data, args.steps, args.out_dir, args.extra)
+            runs_file.write_text(json.dumps(runs, indent=2))
+            print(f"[bench] {method}: trained in {runs[method]['train_wall_s']:.0f} s", flush=True)
+    if args.skip_eval:
+        return
+    side_by_side: dict = {}
+    results = [evaluate(runs[m], side_by_side) for m in METHODS if m in runs]
+    (args.out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    table = markdown(results)
+    (args.out_dir / "results.md").write_text(table + "\n")
+    print(table, flush=True)
+    if args.image is not None:
+        write_side_by_side(side_by_side, ["splat-ext", "splatfacto-tuned", "splatfacto", "ground truth"], args.image)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("WANDB_MODE", "offline")
+    main()
