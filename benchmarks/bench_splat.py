@@ -51,9 +51,9 @@ entrypoint()
 """
 
 
-def train(method: str, data: Path, steps: int, out_dir: Path, extra: List[str]) -> dict:
+def train(method: str, data: Path, steps: int, out_dir: Path, extra: List[str], label: str = "") -> dict:
     method_args = METHODS[method]
-    timestamp = method
+    timestamp = label or method
     cmd = [
         sys.executable, "-c", TRAIN_WRAPPER.replace("BENCH_DIR", repr(str(Path(__file__).resolve().parent))),
         *method_args[:1],
@@ -78,9 +78,9 @@ def train(method: str, data: Path, steps: int, out_dir: Path, extra: List[str]) 
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.time() - t0
     log = proc.stdout + proc.stderr
-    (out_dir / f"train-{method}.log").write_text(log)
+    (out_dir / f"train-{timestamp}.log").write_text(log)
     if proc.returncode != 0:
-        raise RuntimeError(f"{method} training failed (see {out_dir / f'train-{method}.log'}):\n{log[-3000:]}")
+        raise RuntimeError(f"{method} training failed (see {out_dir / f'train-{timestamp}.log'}):\n{log[-3000:]}")
     peak = 0
     for line in log.splitlines():
         if line.startswith("BENCH_PEAK_MEM "):
@@ -99,7 +99,7 @@ def evaluate(run: dict, side_by_side: dict) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from offline_lpips import patch_offline_lpips
 
-    patch_offline_lpips()
+    lpips_offline = patch_offline_lpips()
     _, pipeline, _, _ = eval_setup(Path(run["config"]), test_mode="test")
     model = pipeline.model
     model.eval()
@@ -115,7 +115,7 @@ def evaluate(run: dict, side_by_side: dict) -> dict:
             psnrs.append(-10 * math.log10(max(mse, 1e-12)))
             a, b = gt.permute(2, 0, 1)[None], pred.permute(2, 0, 1)[None]
             ssims.append(ssim(a, b, padding="valid").item())
-            value = lpips(a, b)
+            value = None if lpips_offline else lpips(a, b)
             if value is not None:
                 lpipss.append(value)
             if idx == 0:
@@ -131,7 +131,7 @@ def evaluate(run: dict, side_by_side: dict) -> dict:
         "psnr_std": std,
         "ssim": sum(ssims) / n,
         "lpips": (sum(lpipss) / len(lpipss)) if lpipss else None,
-        "lpips_note": None if lpipss else lpips.skipped_reason,
+        "lpips_note": None if lpipss else (lpips.skipped_reason or "LPIPS skipped: AlexNet weights unavailable offline"),
         "num_gaussians": int(model.num_points),
     }
 

@@ -56,6 +56,8 @@ def random_scene(
     opacities = torch.rand(N, dtype=dtype) * 0.7 + 0.3
     # near-opaque Gaussians: exercise the 0.999 alpha clamp and the T <= 1e-4 cut-off
     opacities[: max(1, N // 3)] = 0.99995
+    if N >= 10:  # faint ones around the 1/255 alpha cut
+        opacities[N // 3 : N // 3 + 3] = torch.tensor([0.002, 0.0045, 0.01], dtype=dtype)
     if with_culled and N >= 10:
         means[-1] = torch.tensor([0.0, 0.0, -4.5], dtype=dtype)  # behind camera 0
         means[-2] = torch.tensor([40.0, 0.0, 0.0], dtype=dtype)  # far off screen
