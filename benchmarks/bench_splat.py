@@ -75,12 +75,13 @@ def train(method: str, data: Path, steps: int, out_dir: Path, extra: List[str], 
     ]
     print(f"[bench] training {method}: {' '.join(cmd[3:])}", flush=True)
     t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    log_path = out_dir / f"train-{timestamp}.log"
+    with open(log_path, "w") as log_file:  # streamed, so a run cut short still leaves its progress behind
+        proc = subprocess.run(cmd, stdout=log_file, stderr=subprocess.STDOUT, text=True)
     wall = time.time() - t0
-    log = proc.stdout + proc.stderr
-    (out_dir / f"train-{timestamp}.log").write_text(log)
+    log = log_path.read_text()
     if proc.returncode != 0:
-        raise RuntimeError(f"{method} training failed (see {out_dir / f'train-{timestamp}.log'}):\n{log[-3000:]}")
+        raise RuntimeError(f"{method} training failed (see {log_path}):\n{log[-3000:]}")
     peak = 0
     for line in log.splitlines():
         if line.startswith("BENCH_PEAK_MEM "):

@@ -346,7 +346,7 @@ def test_defaults_follow_paper():
     assert (s.refine_start_iter, s.refine_stop_iter, s.refine_every) == (500, 15000, 100)
     assert s.reset_every == 3000 and s.grad_threshold == 0.0002
     assert s.dense_percent == 0.01 and s.prune_opacity == 0.005
-    assert s.prune_scale_world == 0.1 and s.prune_screen_size_px == 20
+    assert s.prune_scale_world == 0.1 and s.prune_screen_size_px is None
     assert s.reset_opacity_value == 0.01 and s.n_split == 2 and s.scale_divisor == 1.6
     assert s.absgrad is False and s.absgrad_threshold == 0.0008
     assert s.max_gaussians is None
@@ -557,7 +557,7 @@ def test_max_gaussians_keeps_largest_gradients():
 
 
 def test_big_gaussians_pruned_only_after_first_reset():
-    s = ADCStrategy(refine_start_iter=0, refine_every=10, reset_every=20, refine_stop_iter=100)
+    s = ADCStrategy(refine_start_iter=0, refine_every=10, reset_every=20, refine_stop_iter=100, prune_screen_size_px=20.0)
     params, optimizers = make_gaussians(n=6, warm_steps=0)
     with torch.no_grad():
         params["scales"][:] = math.log(0.005)
