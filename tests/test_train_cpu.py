@@ -52,3 +52,19 @@ def test_lego_100px_cpu_reaches_24db_on_test_views(lego_dir, tmp_path):
     print(f"lego 100x100 CPU: test PSNR {results['psnr']:.2f} dB, SSIM {results['ssim']:.4f}, "
           f"{int(results['num_gaussians'])} Gaussians")
     assert results["psnr"] >= 24.0
+
+
+@pytest.mark.slow
+def test_demo_trains_generated_scene_above_25db(tmp_path):
+    """README command (a) without the install step: generate the default scene, train on CPU, ns-eval, print."""
+    proc = subprocess.run(
+        [str(BIN / "splat-ext-demo"), "--data", str(tmp_path / "synth"), "--output-dir", str(tmp_path / "outputs"),
+         "--device", "cpu", "--steps", "1500"],
+        capture_output=True, text=True, timeout=1500,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("[splat-ext-demo] test views: PSNR"))
+    print(line)
+    psnr = float(line.split("PSNR")[1].split("dB")[0])
+    assert psnr >= 25.0
+    assert "ns-viewer --load-config" in proc.stdout
