@@ -11,7 +11,6 @@ splats (same parameter names and layout), and replaces the parts that make the m
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Literal, Optional, Tuple, Type, Union
 

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import Any, Dict, Mapping, MutableMapping, Optional
 
 import torch
-from torch import Tensor
 
 from . import ops
 
