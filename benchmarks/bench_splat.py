@@ -38,7 +38,6 @@ METHODS: Dict[str, List[str]] = {
 # Runs the nerfstudio trainer in a child process and reports its peak GPU memory at exit.
 TRAIN_WRAPPER = r"""
 import atexit, json, sys, torch
-sys.path.insert(0, BENCH_DIR)
 from offline_lpips import patch_offline_lpips
 patch_offline_lpips()
 from nerfstudio.scripts.train import entrypoint
@@ -55,7 +54,7 @@ def train(method: str, data: Path, steps: int, out_dir: Path, extra: List[str], 
     method_args = METHODS[method]
     timestamp = label or method
     cmd = [
-        sys.executable, "-c", TRAIN_WRAPPER.replace("BENCH_DIR", repr(str(Path(__file__).resolve().parent))),
+        sys.executable, "-c", TRAIN_WRAPPER,
         *method_args[:1],
         "--data", str(data),
         "--output-dir", str(out_dir / "runs"),
@@ -77,7 +76,10 @@ def train(method: str, data: Path, steps: int, out_dir: Path, extra: List[str], 
     t0 = time.time()
     log_path = out_dir / f"train-{timestamp}.log"
     with open(log_path, "w") as log_file:  # streamed, so a run cut short still leaves its progress behind
-        proc = subprocess.run(cmd, stdout=log_file, stderr=subprocess.STDOUT, text=True)
+        # benchmarks/ on the path of the child, for offline_lpips
+        bench_dir = str(Path(__file__).resolve().parent)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [bench_dir, os.environ.get("PYTHONPATH")])))
+        proc = subprocess.run(cmd, stdout=log_file, stderr=subprocess.STDOUT, text=True, env=env)
     wall = time.time() - t0
     log = log_path.read_text()
     if proc.returncode != 0:

@@ -19,18 +19,6 @@ from typing import List, Optional
 
 import tyro
 
-# CPU schedule: 100x100 images, a short run with the density-control milestones scaled to it.
-CPU_TRAIN_FLAGS = [
-    "--pipeline.datamanager.camera-res-scale-factor", "0.5",
-    "--pipeline.model.num-random", "20000",
-    "--pipeline.model.sh-degree-interval", "500",
-    "--pipeline.model.strategy.refine-start-iter", "300",
-    "--pipeline.model.strategy.refine-stop-iter", "2000",
-    "--pipeline.model.strategy.reset-every", "1000",
-    "--optimizers.means.scheduler.max-steps", "3000",
-]
-
-
 @dataclass
 class DemoConfig:
     """Generate the default scene, train splat-ext, evaluate it, print the metrics."""
@@ -52,6 +40,7 @@ def _run(cmd: List[str]) -> None:
 def main(config: DemoConfig) -> dict:
     import torch
 
+    from nerfstudio_splat_ext.method_configs import short_schedule_flags
     from nerfstudio_splat_ext.synth.writer import DatasetSpec, write_dataset
 
     bin_dir = Path(sys.executable).parent
@@ -73,11 +62,12 @@ def main(config: DemoConfig) -> dict:
         "--experiment-name", "splat-ext-synth",
         "--timestamp", timestamp,
         "--vis", "tensorboard",
-        "--max-num-iterations", str(steps),
         "--machine.device-type", "cuda" if use_cuda else "cpu",
     ]
-    if not use_cuda:
-        train_cmd += CPU_TRAIN_FLAGS[:-1] + [str(steps)]
+    if use_cuda:
+        train_cmd += ["--max-num-iterations", str(steps)]
+    else:  # 100x100 images and the paper's schedule compressed to the run
+        train_cmd += ["--pipeline.datamanager.camera-res-scale-factor", "0.5", *short_schedule_flags(steps)]
     _run(train_cmd)
     run_dir = config.output_dir / "splat-ext-synth" / "splat-ext" / timestamp
     config_yml = run_dir / "config.yml"

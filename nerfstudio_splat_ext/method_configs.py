@@ -5,6 +5,8 @@ nerfstudio imports this module for every `ns-*` command, so it only builds confi
 
 from __future__ import annotations
 
+from typing import List
+
 import torch
 from nerfstudio.configs.base_config import MachineConfig, ViewerConfig
 from nerfstudio.data.datamanagers.full_images_datamanager import FullImageDatamanagerConfig
@@ -22,6 +24,20 @@ MAX_STEPS = 30_000
 
 def _adam(lr: float) -> AdamOptimizerConfig:
     return AdamOptimizerConfig(lr=lr, eps=1e-15)
+
+
+def short_schedule_flags(steps: int, num_random: int = 20_000) -> List[str]:
+    """ns-train flags that compress the paper's 30k-step schedule to `steps` (for CPU runs): densify from 1/8 to 2/3
+    of the run, reset opacities at the half, one SH degree per quarter, position lr decayed over the run."""
+    return [
+        "--max-num-iterations", str(steps),
+        "--pipeline.model.num-random", str(num_random),
+        "--pipeline.model.sh-degree-interval", str(steps // 4),
+        "--pipeline.model.strategy.refine-start-iter", str(steps // 8),
+        "--pipeline.model.strategy.refine-stop-iter", str(steps * 2 // 3),
+        "--pipeline.model.strategy.reset-every", str(steps // 2),
+        "--optimizers.means.scheduler.max-steps", str(steps),
+    ]
 
 
 def splat_ext_trainer_config() -> SplatExtTrainerConfig:

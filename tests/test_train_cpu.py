@@ -9,20 +9,15 @@ from pathlib import Path
 
 import pytest
 
+from nerfstudio_splat_ext.method_configs import short_schedule_flags
+
 BIN = Path(sys.executable).parent
 
-# A short CPU schedule: the paper's milestones (densify 500-15k of 30k, reset every 3k) compressed to the run length.
 def cpu_schedule(steps: int) -> list:
     return [
-        "--max-num-iterations", str(steps),
+        *short_schedule_flags(steps),
         "--machine.device-type", "cpu",
         "--vis", "tensorboard",
-        "--pipeline.model.num-random", "20000",
-        "--pipeline.model.sh-degree-interval", str(steps // 4),
-        "--pipeline.model.strategy.refine-start-iter", str(steps // 8),
-        "--pipeline.model.strategy.refine-stop-iter", str(steps * 2 // 3),
-        "--pipeline.model.strategy.reset-every", str(steps // 2),
-        "--optimizers.means.scheduler.max-steps", str(steps),
         "--steps-per-eval-image", str(10 * steps),
         "--steps-per-eval-all-images", str(10 * steps),
         "--steps-per-save", str(steps),

@@ -77,14 +77,10 @@ def _image_files(folder: Path) -> List[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-@dataclass
 class LLFFDataParser(DataParser):
     """Parses LLFF scenes; see the module docstring."""
 
     config: LLFFDataParserConfig
-
-    def __init__(self, config: LLFFDataParserConfig):
-        super().__init__(config=config)
 
     def _locate(self) -> Tuple[Path, Path]:
         root = Path(self.config.data)

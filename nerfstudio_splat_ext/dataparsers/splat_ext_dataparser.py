@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Type
 
-import torch
 from nerfstudio.data.dataparsers.base_dataparser import DataParser, DataParserConfig, DataparserOutputs
 
 Layout = Literal["auto", "blender", "nerfstudio"]
@@ -73,8 +72,7 @@ def _read_transforms(path: Path) -> Dict[str, Any]:
 
 
 def _check_image(path: Path) -> None:
-    if not path.exists():
-        raise DatasetError(f"{path}: image listed in the transforms file does not exist")
+    _check_image_exists(path)
     from PIL import Image
 
     try:
@@ -172,9 +170,4 @@ def _check_image_exists(path: Path) -> None:
         raise DatasetError(f"{path}: image listed in the transforms file does not exist")
 
 
-def background_of(metadata: Dict[str, Any]) -> Optional[torch.Tensor]:
-    colour = metadata.get("background_color")
-    return None if colour is None else torch.as_tensor(colour, dtype=torch.float32)
-
-
-__all__: List[str] = ["DatasetError", "SplatExtDataParser", "SplatExtDataParserConfig", "background_of"]
+__all__: List[str] = ["DatasetError", "SplatExtDataParser", "SplatExtDataParserConfig"]

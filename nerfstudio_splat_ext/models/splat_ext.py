@@ -26,7 +26,6 @@ from nerfstudio_splat_ext.losses.photometric import PhotometricLossConfig
 from nerfstudio_splat_ext.losses.ssim import ssim as ssim_fn
 from nerfstudio_splat_ext.render.backend import RenderBackend, get_rasterizer
 from nerfstudio_splat_ext.strategy.adc import ADCStrategy
-from nerfstudio_splat_ext.utils.cpu_threads import reset_torch_cpu_threads
 from nerfstudio_splat_ext.utils.lpips import LazyLPIPS
 
 SH_C0 = 0.28209479177387814  # Y_0^0, maps RGB to the DC spherical-harmonic coefficient
@@ -109,7 +108,6 @@ class SplatExtModel(SplatfactoModel):
     # ------------------------------------------------------------------ setup
     def populate_modules(self) -> None:
         cfg = self.config
-        reset_torch_cpu_threads()
         seed_xyz, seed_rgb = self._seed_points()
         if seed_xyz is not None:
             means = seed_xyz.float()

@@ -6,6 +6,7 @@ Both take the same keyword arguments (gsplat.rasterization's, packed=False) and 
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Callable, Literal, Tuple
 
 import torch
@@ -26,7 +27,13 @@ def resolve_backend(backend: RenderBackend, device: torch.device) -> Literal["gs
 
 def get_rasterizer(backend: RenderBackend, device: torch.device) -> Tuple[str, Callable]:
     """Returns (name, function) of the rasterizer to use for tensors on `device`."""
-    name = resolve_backend(backend, device)
+    return _rasterizer_for(backend, torch.device(device).type)
+
+
+@lru_cache(maxsize=None)
+def _rasterizer_for(backend: RenderBackend, device_type: str) -> Tuple[str, Callable]:
+    # Called on every training step: resolve the backend and import its module once.
+    name = resolve_backend(backend, torch.device(device_type))
     if name == "gsplat":
         from gsplat.rendering import rasterization
 
