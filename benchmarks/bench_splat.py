@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -108,11 +109,18 @@ def evaluate(run: dict, side_by_side: dict) -> dict:
     model.eval()
     lpips = LazyLPIPS()
     psnrs, ssims, lpipss = [], [], []
-    dataset = pipeline.datamanager.eval_dataset
+    # The datamanager's cached eval images are undistorted (fox has OpenCV distortion) and its cameras carry the
+    # matching intrinsics; gsplat renders pinhole cameras, so both sides must come from there.
     with torch.no_grad():
-        for idx in range(len(dataset)):
-            camera = dataset.cameras[idx : idx + 1].to(model.device)
-            gt = dataset.get_image_float32(idx)[..., :3].to(model.device)
+        for idx, (camera, data) in enumerate(pipeline.datamanager.fixed_indices_eval_dataloader):
+            distortion = camera.distortion_params
+            if distortion is None or not bool(torch.any(distortion != 0)):
+                # no undistortion happened: composite the RGBA file in float, as the 3DGS evaluation does
+                image = pipeline.datamanager.eval_dataset.get_image_float32(idx)
+            else:
+                image = data["image"]
+                image = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
+            gt = image[..., :3].to(model.device)
             pred = model.get_outputs_for_camera(camera)["rgb"].clamp(0, 1)
             mse = torch.mean((pred - gt) ** 2).item()
             psnrs.append(-10 * math.log10(max(mse, 1e-12)))
@@ -132,6 +140,7 @@ def evaluate(run: dict, side_by_side: dict) -> dict:
         "test_views": n,
         "psnr": mean,
         "psnr_std": std,
+        "psnr_per_view": psnrs,
         "ssim": sum(ssims) / n,
         "lpips": (sum(lpipss) / len(lpipss)) if lpipss else None,
         "lpips_note": None if lpipss else (lpips.skipped_reason or "LPIPS skipped: AlexNet weights unavailable offline"),
@@ -148,7 +157,8 @@ def write_side_by_side(images: dict, order: List[str], path: Path, size: int = 2
     for name in order:
         if name in images:
             img = images[name].permute(2, 0, 1)[None]
-            tiles.append(F.interpolate(img, size=(size, size), mode="area")[0])
+            width = round(size * img.shape[-1] / img.shape[-2])  # keep the aspect ratio (fox is portrait)
+            tiles.append(F.interpolate(img, size=(size, width), mode="area")[0])
     if tiles:
         strip = torch.cat(tiles, dim=2).permute(1, 2, 0).clamp(0, 1)
         Image.fromarray((strip.numpy() * 255).round().astype("uint8")).save(path)
@@ -174,6 +184,7 @@ def main() -> None:
     parser.add_argument("--skip-train", action="store_true", help="only evaluate the runs listed in runs.json")
     parser.add_argument("--skip-eval", action="store_true", help="only train (evaluate in a later invocation)")
     parser.add_argument("--image", type=Path, default=None, help="side-by-side PNG of test view 0")
+    parser.add_argument("--ours", default="", help="flags for splat-ext only (one quoted string)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every ns-train")
     args = parser.parse_args()
 
@@ -182,7 +193,8 @@ def main() -> None:
     runs = json.loads(runs_file.read_text()) if runs_file.exists() else {}
     if not args.skip_train:
         for method in args.methods:
-            runs[method] = train(method, args.data, args.steps, args.out_dir, args.extra)
+            ours = shlex.split(args.ours) if method == "splat-ext" else []
+            runs[method] = train(method, args.data, args.steps, args.out_dir, [*ours, *args.extra])
             runs_file.write_text(json.dumps(runs, indent=2))
             print(f"[bench] {method}: trained in {runs[method]['train_wall_s']:.0f} s", flush=True)
     if args.skip_eval:

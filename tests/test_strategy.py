@@ -591,3 +591,52 @@ def test_big_gaussians_pruned_only_after_first_reset():
     s_no_screen.step_pre_backward(params2, optimizers2, state2, 30, info)
     loss_fn().backward()
     assert s_no_screen.step_post_backward(params2, optimizers2, state2, 30, info)["n_pruned"] == 0
+
+
+@pytest.mark.parametrize("white, override", [(True, None), (False, None), (False, True), (True, False)])
+def test_reset_at_refine_start_follows_background(white, override):
+    """The extra opacity reset at the start of densification happens for white backgrounds (or when forced)."""
+    s = ADCStrategy(refine_start_iter=5, refine_stop_iter=50, refine_every=5, reset_every=30,
+                    reset_at_refine_start=override)
+    params, optimizers = _tagged_scene(n_dead=0)
+    state = s.initialize_state(scene_extent=1.0, white_background=white)
+    expected = white if override is None else override
+    for step in range(6):
+        _toy_step(s, params, optimizers, state, step)
+        if step == 4:
+            assert torch.all(torch.sigmoid(params["opacities"].detach()) > 0.5)
+    reset = bool(torch.all(torch.sigmoid(params["opacities"].detach()) <= 0.01 + 1e-6))
+    assert reset == expected
+    assert state["n_resets"] == int(expected)
+
+
+def test_visibility_weighting_matches_filtering():
+    """Statistics of Gaussians with radius 0 (not drawn) stay untouched, for batched and packed layouts."""
+    s = ADCStrategy()
+    params, optimizers = make_gaussians(n=30)
+    g = torch.Generator().manual_seed(3)
+    grads = torch.randn(2, 30, 2, generator=g)
+    radii = torch.randint(0, 3, (2, 30), generator=g).float()
+    expected_sum = torch.zeros(30)
+    expected_cnt = torch.zeros(30)
+    for c in range(2):
+        vis = radii[c] > 0
+        scaled = grads[c] * torch.tensor([50.0 * 2, 40.0 * 2])
+        expected_sum[vis] += scaled[vis].norm(dim=-1)
+        expected_cnt[vis] += 1
+    for packed in (False, True):
+        state = s.initialize_state(1.0)
+        if packed:
+            cam, ids = torch.nonzero(torch.ones(2, 30), as_tuple=True)
+            means2d = torch.zeros(60, 2, requires_grad=True)
+            means2d.grad = grads.reshape(-1, 2).clone()
+            info = {"means2d": means2d, "radii": radii.reshape(-1), "gaussian_ids": ids, "width": 100,
+                    "height": 80, "n_cameras": 2}
+        else:
+            means2d = torch.zeros(2, 30, 2, requires_grad=True)
+            means2d.grad = grads.clone()
+            info = {"means2d": means2d, "radii": radii, "width": 100, "height": 80, "n_cameras": 2}
+        s._update_state(params, state, info, packed)
+        torch.testing.assert_close(state["grad2d"], expected_sum)
+        torch.testing.assert_close(state["count"], expected_cnt)
+        torch.testing.assert_close(state["max_radii2d"], radii.amax(0) / 100.0)

@@ -89,6 +89,10 @@ class SplatExtModelConfig(SplatfactoModelConfig):
     """Add one SH degree every this many steps, up to sh_degree."""
     position_lr_scale_by_extent: bool = True
     """Multiply the position learning rate by the cameras' extent, as the 3DGS paper does."""
+    near_plane: Optional[float] = None
+    """Gaussians closer to the camera than this are not drawn: a Gaussian right in front of one training camera
+    would otherwise become a floater that only that view constrains. None: the cameras' extent / 25 (0.2 on Blender
+    scenes, the 3DGS rasterizer's value; scale-free for data whose poses were rescaled)."""
     render_backend: RenderBackend = "auto"
     """'auto': gsplat on CUDA, our pure-PyTorch reference on CPU."""
     reference_tile_size: int = 1
@@ -136,6 +140,9 @@ class SplatExtModel(SplatfactoModel):
                 "opacities": Parameter(opacities),
             }
         )
+        # Saved with the checkpoint so that ns-eval / ns-viewer cull exactly as training did; set at training start.
+        self.register_buffer("near_plane", torch.tensor(cfg.near_plane if cfg.near_plane is not None else 0.01))
+        self._near_plane = float(self.near_plane)  # host copy: reading the buffer each step would sync the GPU
         self.camera_optimizer = cfg.camera_optimizer.setup(num_cameras=self.num_train_data, device="cpu")
 
         from torchmetrics.image import PeakSignalNoiseRatio
@@ -184,10 +191,13 @@ class SplatExtModel(SplatfactoModel):
         pipeline = training_callback_attributes.pipeline
         cameras = pipeline.datamanager.train_dataparser_outputs.cameras if pipeline is not None else None
         self.scene_extent = camera_extent(cameras.camera_to_worlds) if cameras is not None else 1.0
+        if self.config.near_plane is None:
+            self.near_plane.fill_(self.scene_extent / 25.0)
+        self._near_plane = float(self.near_plane)
         if self.config.position_lr_scale_by_extent:
             self._scale_position_lr(training_callback_attributes.optimizers, self.scene_extent)
         self.strategy.check_sanity(self.gauss_params, training_callback_attributes.optimizers.optimizers)
-        self.strategy_state = self.strategy.initialize_state(scene_extent=self.scene_extent)
+        self.strategy_state = self._initial_strategy_state()
         return [
             TrainingCallback(
                 [TrainingCallbackLocation.BEFORE_TRAIN_ITERATION],
@@ -196,6 +206,10 @@ class SplatExtModel(SplatfactoModel):
             ),
             TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], self.step_post_backward),
         ]
+
+    def _initial_strategy_state(self) -> dict:
+        white = bool(torch.all(self.background_color == 1.0)) and self.config.background_color != "random"
+        return self.strategy.initialize_state(scene_extent=self.scene_extent or 1.0, white_background=white)
 
     @staticmethod
     def _scale_position_lr(optimizers: Optimizers, extent: float) -> None:
@@ -237,12 +251,14 @@ class SplatExtModel(SplatfactoModel):
         if "means" in state_dict:  # checkpoints from before nerfstudio moved the Gaussians into gauss_params
             for name in list(self.gauss_params.keys()):
                 state_dict[f"gauss_params.{name}"] = state_dict.pop(name)
+        state_dict.setdefault("near_plane", torch.tensor(0.01))  # checkpoints from before the near plane was saved
         n = state_dict["gauss_params.means"].shape[0]
         for name, param in self.gauss_params.items():
             param.data = torch.zeros((n,) + tuple(param.shape[1:]), dtype=param.dtype, device=param.device)
         result = super(SplatfactoModel, self).load_state_dict(state_dict, strict=strict, **kwargs)
+        self._near_plane = float(self.near_plane)
         if self.strategy_state is not None:
-            self.strategy_state = self.strategy.initialize_state(scene_extent=self.scene_extent or 1.0)
+            self.strategy_state = self._initial_strategy_state()
         return result
 
     # -------------------------------------------------------------- rendering
@@ -293,7 +309,7 @@ class SplatExtModel(SplatfactoModel):
             width=width,
             height=height,
             packed=False,
-            near_plane=0.01,
+            near_plane=self._near_plane,
             far_plane=1e10,
             render_mode=render_mode,
             sh_degree=self._sh_degree_to_use(),
@@ -307,7 +323,10 @@ class SplatExtModel(SplatfactoModel):
 
         background = self._get_background_color()
         rgb = render[..., :3] + (1.0 - alpha) * background
-        rgb = torch.clamp(rgb, 0.0, 1.0)
+        if not self.training:
+            # Only displayed / evaluated images are clamped: clamping during training hides Gaussians brighter
+            # than a white background from the loss (zero gradient), and they reappear as floaters in novel views.
+            rgb = torch.clamp(rgb, 0.0, 1.0)
         depth = None
         if render_mode == "RGB+ED":
             depth = render[..., 3:4]

@@ -74,6 +74,10 @@ class ADCStrategy:
     last refinement exceeds this (the paper uses 20). ``None`` (default) disables it: on
     lego at 800x800, 30k steps on one H200 GPU, pruning at 20 px gave 27.75 dB test PSNR with
     74k Gaussians, disabling it 32.91 dB with 274k (BENCHMARKS.md)."""
+    reset_at_refine_start: Optional[bool] = None
+    """Also reset opacities at ``refine_start_iter``. None: only with a white background, as the 3DGS reference
+    code does (random initial Gaussians that learned to imitate the white background would otherwise survive as
+    floaters that hide the object in novel views)."""
     reset_opacity_value: float = 0.01
     """Opacities are clamped to at most this value at each reset."""
     n_split: int = 2
@@ -89,15 +93,23 @@ class ADCStrategy:
     # ------------------------------------------------------------------------------
 
     def initialize_state(
-        self, scene_extent: float = 1.0, *, scene_scale: Optional[float] = None
+        self,
+        scene_extent: float = 1.0,
+        *,
+        scene_scale: Optional[float] = None,
+        white_background: bool = False,
     ) -> Dict[str, Any]:
         """Fresh strategy state. Per-Gaussian accumulators are created lazily (their
         size follows the parameters through every grow / prune op). ``scene_scale``
         is accepted as an alias of ``scene_extent`` (gsplat's keyword)."""
         if scene_scale is not None:
             scene_extent = scene_scale
+        reset_at_start = self.reset_at_refine_start
+        if reset_at_start is None:
+            reset_at_start = bool(white_background)
         return {
             "scene_extent": float(scene_extent),
+            "reset_at_refine_start": reset_at_start,
             "grad2d": None,  # [N] summed NDC gradient norms
             "count": None,  # [N] number of views where the Gaussian was visible
             "max_radii2d": None,  # [N] max radius / max(width, height)
@@ -203,7 +215,9 @@ class ADCStrategy:
         if self._is_refine_step(step):
             stats = self._refine(params, optimizers, state, step)
 
-        if step > 0 and step % self.reset_every == 0:
+        if (step > 0 and step % self.reset_every == 0) or (
+            step == self.refine_start_iter and state.get("reset_at_refine_start", False)
+        ):
             ops.reset_opacity(params, optimizers, state, value=self.reset_opacity_value)
             state["n_resets"] = int(state.get("n_resets", 0)) + 1
         return stats
@@ -259,8 +273,6 @@ class ADCStrategy:
             gs_ids = info["gaussian_ids"].reshape(-1).long()
             grads = grads.reshape(-1, 2)
             radii = radii.reshape(-1)
-            sel = radii > 0
-            gs_ids, grads, radii = gs_ids[sel], grads[sel], radii[sel]
         else:
             if radii.dim() == grads.dim():  # [C, N, 2] radii (newer gsplat)
                 radii = radii.max(dim=-1).values
@@ -271,10 +283,12 @@ class ADCStrategy:
                     f"info has gradients for {grads.shape[1]} Gaussians / radii for "
                     f"{radii.shape[1]}, but params hold {n}"
                 )
-            sel = radii > 0
-            gs_ids = torch.nonzero(sel, as_tuple=True)[1]
-            grads = grads[sel]
-            radii = radii[sel]
+            gs_ids = torch.arange(n, device=grads.device).repeat(grads.shape[0])
+            grads = grads.reshape(-1, 2)
+            radii = radii.reshape(-1)
+        # Invisible entries (radius 0) are weighted by 0 rather than filtered out: boolean indexing would make the
+        # host wait for the GPU every step.
+        visible = (radii > 0).float()
 
         device = grads.device
         for key in ("grad2d", "count", "max_radii2d"):
@@ -288,12 +302,10 @@ class ADCStrategy:
                 )
         image_size = max(width, height)
         state["image_size"] = image_size
-        state["grad2d"].index_add_(0, gs_ids, grads.norm(dim=-1).float())
-        state["count"].index_add_(
-            0, gs_ids, torch.ones_like(gs_ids, dtype=torch.float32)
-        )
+        state["grad2d"].index_add_(0, gs_ids, grads.norm(dim=-1).float() * visible)
+        state["count"].index_add_(0, gs_ids, visible)
         state["max_radii2d"].scatter_reduce_(
-            0, gs_ids, radii.float() / image_size, reduce="amax", include_self=True
+            0, gs_ids, radii.float() * visible / image_size, reduce="amax", include_self=True
         )
 
     @torch.no_grad()
