@@ -22,6 +22,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=30_000)
     parser.add_argument("--out-dir", type=Path, required=True)
+    parser.add_argument("--skip-train", action="store_true", help="only evaluate the runs of an earlier invocation")
     parser.add_argument("variants", nargs="+", help="NAME='flags'")
     args = parser.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -33,8 +34,13 @@ def main() -> None:
         result["method"] = name
         return result
 
-    with ThreadPoolExecutor(max_workers=len(variants)) as pool:
-        runs = list(pool.map(run, variants.items()))
+    runs_file = args.out_dir / "ablation_runs.json"
+    if args.skip_train:
+        runs = [r for r in json.loads(runs_file.read_text()) if r["method"] in variants]
+    else:
+        with ThreadPoolExecutor(max_workers=len(variants)) as pool:
+            runs = list(pool.map(run, variants.items()))
+        runs_file.write_text(json.dumps(runs, indent=2))  # a later --skip-train invocation can evaluate them
     results = [evaluate(r, {}) for r in runs]
     for r in results:
         r["flags"] = variants[r["method"]]
