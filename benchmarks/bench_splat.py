@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 SPLATFACTO_TUNED = [
     "--pipeline.model.background-color", "white",
@@ -38,10 +38,41 @@ METHODS: Dict[str, List[str]] = {
 
 # Runs the nerfstudio trainer in a child process and reports its peak GPU memory at exit.
 TRAIN_WRAPPER = r"""
-import atexit, json, sys, torch
+import atexit, json, os, sys, time, torch
 from offline_lpips import patch_offline_lpips
 patch_offline_lpips()
+from nerfstudio.engine.trainer import Trainer
 from nerfstudio.scripts.train import entrypoint
+
+# Optional wall-clock budget (BENCH_TIME_BUDGET_S): training stops at the first step after the budget, counted from
+# the first training step (set-up excluded), and the last finished step is checkpointed for evaluation.
+budget = float(os.environ.get("BENCH_TIME_BUDGET_S", "0") or 0)
+clock = {"t0": None, "steps": 0, "last": 0}
+class _BudgetSpent(Exception):
+    pass
+_iteration = Trainer.train_iteration
+def train_iteration(self, step):
+    if clock["t0"] is None:
+        clock["t0"] = time.time()
+    if budget and time.time() - clock["t0"] > budget:
+        raise _BudgetSpent()
+    out = _iteration(self, step)
+    clock["steps"] += 1
+    clock["last"] = step
+    return out
+Trainer.train_iteration = train_iteration
+_train = Trainer.train
+def train(self):
+    try:
+        _train(self)
+    except _BudgetSpent:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.save_checkpoint(clock["last"])
+    seconds = time.time() - clock["t0"] if clock["t0"] else 0.0
+    print("BENCH_STEPS " + json.dumps({"steps": clock["steps"], "train_loop_s": seconds}), flush=True)
+Trainer.train = train
+
 def _report():
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
     print("BENCH_PEAK_MEM " + json.dumps(peak), flush=True)
@@ -51,8 +82,19 @@ entrypoint()
 """
 
 
-def train(method: str, data: Path, steps: int, out_dir: Path, extra: List[str], label: str = "") -> dict:
-    method_args = METHODS[method]
+def train(
+    method: str,
+    data: Path,
+    steps: int,
+    out_dir: Path,
+    extra: List[str],
+    label: str = "",
+    method_args: Optional[List[str]] = None,
+    time_budget_s: float = 0.0,
+) -> dict:
+    """Train one method in a child ns-train. ``method_args``: the method name and its own flags (default: METHODS);
+    ``time_budget_s`` > 0 stops training after that many seconds of training steps."""
+    method_args = method_args or METHODS[method]
     timestamp = label or method
     cmd = [
         sys.executable, "-c", TRAIN_WRAPPER,
@@ -79,18 +121,27 @@ def train(method: str, data: Path, steps: int, out_dir: Path, extra: List[str], 
     with open(log_path, "w") as log_file:  # streamed, so a run cut short still leaves its progress behind
         # benchmarks/ on the path of the child, for offline_lpips
         bench_dir = str(Path(__file__).resolve().parent)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [bench_dir, os.environ.get("PYTHONPATH")])))
+        env = dict(os.environ, BENCH_TIME_BUDGET_S=str(time_budget_s), PYTHONPATH=os.pathsep.join(filter(None, [bench_dir, os.environ.get("PYTHONPATH")])))
         proc = subprocess.run(cmd, stdout=log_file, stderr=subprocess.STDOUT, text=True, env=env)
     wall = time.time() - t0
     log = log_path.read_text()
     if proc.returncode != 0:
         raise RuntimeError(f"{method} training failed (see {log_path}):\n{log[-3000:]}")
-    peak = 0
+    peak, loop = 0, {}
     for line in log.splitlines():
         if line.startswith("BENCH_PEAK_MEM "):
             peak = int(json.loads(line.split(" ", 1)[1]))
+        if line.startswith("BENCH_STEPS "):
+            loop = json.loads(line.split(" ", 1)[1])
     config = out_dir / "runs" / "bench" / method_args[0] / timestamp / "config.yml"
-    return {"method": method, "config": str(config), "train_wall_s": wall, "peak_gpu_mem_bytes": peak, "steps": steps}
+    return {
+        "method": method,
+        "config": str(config),
+        "train_wall_s": wall,
+        "peak_gpu_mem_bytes": peak,
+        "steps": loop.get("steps", steps),
+        "train_loop_s": loop.get("train_loop_s"),
+    }
 
 
 def evaluate(run: dict, side_by_side: dict) -> dict:
@@ -144,7 +195,7 @@ def evaluate(run: dict, side_by_side: dict) -> dict:
         "ssim": sum(ssims) / n,
         "lpips": (sum(lpipss) / len(lpipss)) if lpipss else None,
         "lpips_note": None if lpipss else (lpips.skipped_reason or "LPIPS skipped: AlexNet weights unavailable offline"),
-        "num_gaussians": int(model.num_points),
+        "num_gaussians": int(model.num_points) if hasattr(model, "num_points") else None,
     }
 
 

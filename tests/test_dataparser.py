@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -35,6 +36,34 @@ def test_nerfstudio_layout_holds_out_every_eighth_frame(fox_dir):
     assert len(train.image_filenames) + len(test.image_filenames) == n_frames
     assert len(test.image_filenames) == (n_frames + 7) // 8
     assert not set(train.image_filenames) & set(test.image_filenames)
+    # photographs (JPEG, no alpha): no background colour is imposed on the model
+    assert "background_color" not in train.metadata
+
+
+def test_nerfstudio_layout_with_rgba_images_gets_white_background(tiny_synth, tmp_path):
+    """Blender frames rewritten as a single nerfstudio transforms.json keep their alpha, so the white background
+    applies; the same frames flattened to RGB get none."""
+    meta = json.loads((tiny_synth / "transforms_train.json").read_text())
+    from PIL import Image
+
+    for mode in ("RGBA", "RGB"):
+        root = tmp_path / mode
+        root.mkdir()
+        frames = []
+        for i, frame in enumerate(meta["frames"][:8]):
+            img = Image.open(tiny_synth / (frame["file_path"].replace("./", "") + ".png")).convert(mode)
+            img.save(root / f"{i:03d}.png")
+            frames.append({"file_path": f"{i:03d}.png", "transform_matrix": frame["transform_matrix"]})
+        w = img.width
+        focal = 0.5 * w / math.tan(0.5 * meta["camera_angle_x"])
+        (root / "transforms.json").write_text(json.dumps(
+            {"fl_x": focal, "fl_y": focal, "cx": w / 2, "cy": w / 2, "w": w, "h": w, "frames": frames}))
+        out = SplatExtDataParserConfig(data=root).setup().get_dataparser_outputs("train")
+        assert out.metadata["dataset_layout"] == "nerfstudio"
+        if mode == "RGBA":
+            assert torch.equal(out.metadata["background_color"], torch.ones(3))
+        else:
+            assert "background_color" not in out.metadata
 
 
 def test_missing_path_names_it(tmp_path):

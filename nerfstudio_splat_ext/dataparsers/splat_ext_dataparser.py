@@ -158,11 +158,24 @@ class SplatExtDataParser(DataParser):
             load_3D_points=load_points,
         ).setup()
         outputs = parser.get_dataparser_outputs(split=split)
-        if self.config.alpha_color is not None and outputs.alpha_color is None:
+        # A background colour only means something for images with an alpha channel; photographs keep the model's
+        # own default (black), as the 3DGS reference does for real scenes.
+        has_alpha = _has_alpha(root / meta["frames"][0]["file_path"])
+        if self.config.alpha_color is not None and outputs.alpha_color is None and has_alpha:
             from nerfstudio.utils.colors import get_color
 
             outputs.alpha_color = get_color(self.config.alpha_color)
         return outputs
+
+
+def _has_alpha(path: Path) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
+    except OSError:
+        return False
 
 
 def _check_image_exists(path: Path) -> None:

@@ -1,0 +1,221 @@
+"""`splat-ext-nerf`: the NeRF of Mildenhall et al. 2020 as a baseline inside nerfstudio.
+
+Two sampling paths around the same network (`fields/nerf_mlp.py`):
+- reference (the paper; CPU and GPU): 64 stratified coarse samples through a coarse MLP, 128 importance samples from
+  the coarse weights, the fine MLP on all 192; MSE on both renders;
+- fast (GPU, default there): an occupancy grid (nerfacc, via nerfstudio's VolumetricSampler) skips empty space and
+  the fine MLP alone is evaluated at small fixed steps inside occupied cells; mixed precision and TF32 come from the
+  trainer config. The network is unchanged (no hash grid): only where it is evaluated changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Literal, Optional, Tuple, Type
+
+import torch
+from nerfstudio.cameras.rays import RayBundle
+from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
+from nerfstudio.model_components.ray_samplers import PDFSampler, UniformSampler
+from nerfstudio.model_components.renderers import AccumulationRenderer, DepthRenderer, RGBRenderer
+from nerfstudio.model_components.scene_colliders import AABBBoxCollider
+from nerfstudio.models.base_model import Model, ModelConfig
+from torch.nn import Parameter
+
+from nerfstudio_splat_ext.fields.nerf_mlp import NeRFMLP
+from nerfstudio_splat_ext.losses.ssim import ssim as ssim_fn
+from nerfstudio_splat_ext.utils.lpips import LazyLPIPS
+
+
+@dataclass
+class SplatExtNerfModelConfig(ModelConfig):
+    """NeRF (Mildenhall et al. 2020) with an optional occupancy-grid fast path."""
+
+    _target: Type = field(default_factory=lambda: SplatExtNerfModel)
+    enable_collider: bool = False
+    """Rays are clipped to the scene box by the model's own AABB collider instead of fixed near/far planes."""
+    near_plane: float = 0.05
+    """Minimum distance along a ray (scene units)."""
+    num_coarse_samples: int = 64
+    num_importance_samples: int = 128
+    pos_frequencies: int = 10
+    dir_frequencies: int = 4
+    mlp_depth: int = 8
+    mlp_width: int = 256
+    mlp_skip: int = 4
+    """The encoded position re-enters at this trunk layer (0-based; 4 = the paper's fifth layer)."""
+    color_width: int = 128
+    background_color: Literal["auto", "white", "black"] = "auto"
+    """'auto': the dataset's alpha colour (white for Blender data), else black."""
+    fast_path: Literal["auto", "on", "off"] = "auto"
+    """Occupancy-grid sampling with the fine network alone. 'auto': on with CUDA (nerfacc's kernels), off on CPU."""
+    grid_resolution: int = 128
+    render_step_size: Optional[float] = None
+    """Fast path: step between samples. None: the scene box diagonal / 1024."""
+    alpha_thre: float = 1e-4
+    """Fast path: samples whose alpha is below this are skipped."""
+    grid_update_every: int = 16
+
+
+class SplatExtNerfModel(Model):
+    config: SplatExtNerfModelConfig
+
+    def populate_modules(self) -> None:
+        super().populate_modules()
+        cfg = self.config
+        self.collider = AABBBoxCollider(self.scene_box, near_plane=cfg.near_plane)
+        mlp = dict(
+            pos_frequencies=cfg.pos_frequencies,
+            dir_frequencies=cfg.dir_frequencies,
+            depth=cfg.mlp_depth,
+            width=cfg.mlp_width,
+            skip=cfg.mlp_skip,
+            color_width=cfg.color_width,
+        )
+        self.field_coarse = NeRFMLP(**mlp)
+        self.field_fine = NeRFMLP(**mlp)
+        self.sampler_uniform = UniformSampler(num_samples=cfg.num_coarse_samples, train_stratified=True)
+        self.sampler_pdf = PDFSampler(num_samples=cfg.num_importance_samples, include_original=True)
+        self.renderer_rgb = RGBRenderer(background_color=self._background())
+        self.renderer_accumulation = AccumulationRenderer()
+        self.renderer_depth = DepthRenderer(method="expected")
+
+        self.use_fast_path = cfg.fast_path == "on" or (cfg.fast_path == "auto" and torch.cuda.is_available())
+        aabb = self.scene_box.aabb
+        self.render_step_size = cfg.render_step_size or float((aabb[1] - aabb[0]).norm()) / 1024.0
+        if self.use_fast_path:
+            import nerfacc
+            from nerfstudio.model_components.ray_samplers import VolumetricSampler
+
+            self.occupancy_grid = nerfacc.OccGridEstimator(
+                roi_aabb=aabb.flatten(), resolution=cfg.grid_resolution, levels=1
+            )
+            self.sampler_grid = VolumetricSampler(occupancy_grid=self.occupancy_grid, density_fn=self._density)
+            if torch.cuda.is_available():
+                torch.backends.cuda.matmul.allow_tf32 = True
+                torch.backends.cudnn.allow_tf32 = True
+
+        from torchmetrics.image import PeakSignalNoiseRatio
+
+        self.psnr = PeakSignalNoiseRatio(data_range=1.0)
+        self.lpips_metric = LazyLPIPS()
+
+    def _background(self) -> torch.Tensor:
+        choice = self.config.background_color
+        if choice == "auto":
+            colour = (self.kwargs.get("metadata") or {}).get("background_color")
+            return torch.as_tensor(colour, dtype=torch.float32).clone() if colour is not None else torch.zeros(3)
+        return torch.ones(3) if choice == "white" else torch.zeros(3)
+
+    def _density(self, positions: torch.Tensor, times=None) -> torch.Tensor:
+        return self.field_fine.density(positions)
+
+    # ------------------------------------------------------------------ training
+    def get_param_groups(self) -> Dict[str, List[Parameter]]:
+        params = list(self.field_fine.parameters())
+        if not self.use_fast_path:
+            params += list(self.field_coarse.parameters())
+        return {"fields": params}
+
+    def get_training_callbacks(self, training_callback_attributes: TrainingCallbackAttributes) -> List[TrainingCallback]:
+        if not self.use_fast_path:
+            return []
+
+        def update_grid(step: int) -> None:
+            self.occupancy_grid.update_every_n_steps(
+                step=step,
+                occ_eval_fn=lambda x: self.field_fine.density(x) * self.render_step_size,
+                n=self.config.grid_update_every,
+            )
+
+        return [TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], update_grid)]
+
+    # ----------------------------------------------------------------- rendering
+    def _render(self, rgb: torch.Tensor, weights: torch.Tensor, ray_samples, **packed) -> Tuple[torch.Tensor, ...]:
+        return (
+            self.renderer_rgb(rgb=rgb, weights=weights, **packed),
+            self.renderer_accumulation(weights=weights, **packed),
+            self.renderer_depth(weights=weights, ray_samples=ray_samples, **packed),
+        )
+
+    def get_outputs(self, ray_bundle: RayBundle) -> Dict[str, torch.Tensor]:
+        if self.use_fast_path:
+            return self._outputs_fast(ray_bundle)
+        coarse_samples = self.sampler_uniform(ray_bundle)
+        sigma_c, rgb_c = self._query(self.field_coarse, coarse_samples)
+        weights_c = coarse_samples.get_weights(sigma_c)
+        rgb_coarse, acc_coarse, _ = self._render(rgb_c, weights_c, coarse_samples)
+
+        fine_samples = self.sampler_pdf(ray_bundle, coarse_samples, weights_c)
+        sigma_f, rgb_f = self._query(self.field_fine, fine_samples)
+        weights_f = fine_samples.get_weights(sigma_f)
+        rgb_fine, acc_fine, depth_fine = self._render(rgb_f, weights_f, fine_samples)
+        return {
+            "rgb_coarse": rgb_coarse,
+            "rgb": rgb_fine,
+            "accumulation_coarse": acc_coarse,
+            "accumulation": acc_fine,
+            "depth": depth_fine,
+        }
+
+    @staticmethod
+    def _query(mlp: NeRFMLP, ray_samples) -> Tuple[torch.Tensor, torch.Tensor]:
+        positions = ray_samples.frustums.get_positions()
+        directions = ray_samples.frustums.directions
+        return mlp(positions, directions)
+
+    def _outputs_fast(self, ray_bundle: RayBundle) -> Dict[str, torch.Tensor]:
+        import nerfacc
+
+        num_rays = len(ray_bundle)
+        with torch.no_grad():
+            ray_samples, ray_indices = self.sampler_grid(
+                ray_bundle=ray_bundle,
+                near_plane=self.config.near_plane,
+                render_step_size=self.render_step_size,
+                alpha_thre=self.config.alpha_thre,
+                cone_angle=0.0,
+            )
+        sigma, rgb = self._query(self.field_fine, ray_samples)
+        packed_info = nerfacc.pack_info(ray_indices, num_rays)
+        weights = nerfacc.render_weight_from_density(
+            t_starts=ray_samples.frustums.starts[..., 0],
+            t_ends=ray_samples.frustums.ends[..., 0],
+            sigmas=sigma[..., 0],
+            packed_info=packed_info,
+        )[0][..., None]
+        rgb_out, acc, depth = self._render(rgb, weights, ray_samples, ray_indices=ray_indices, num_rays=num_rays)
+        return {"rgb": rgb_out, "accumulation": acc, "depth": depth, "num_samples_per_ray": packed_info[:, 1]}
+
+    # ------------------------------------------------------------ losses, eval
+    def _gt(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        image = batch["image"].to(self.device)
+        return self.renderer_rgb.blend_background(image)
+
+    def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, torch.Tensor]:
+        gt = self._gt(batch)
+        losses = {"rgb_loss_fine": torch.mean((outputs["rgb"] - gt) ** 2)}
+        if "rgb_coarse" in outputs:
+            losses["rgb_loss_coarse"] = torch.mean((outputs["rgb_coarse"] - gt) ** 2)
+        return losses
+
+    def get_metrics_dict(self, outputs, batch) -> Dict[str, torch.Tensor]:
+        metrics = {"psnr": self.psnr(outputs["rgb"], self._gt(batch))}
+        if "num_samples_per_ray" in outputs:
+            metrics["num_samples_per_batch"] = outputs["num_samples_per_ray"].sum()
+        return metrics
+
+    def get_image_metrics_and_images(
+        self, outputs: Dict[str, torch.Tensor], batch: Dict[str, torch.Tensor]
+    ) -> Tuple[Dict[str, float], Dict[str, torch.Tensor]]:
+        gt = self._gt(batch)
+        pred = outputs["rgb"].clamp(0.0, 1.0)
+        gt_b, pred_b = gt.permute(2, 0, 1)[None], pred.permute(2, 0, 1)[None]
+        metrics: Dict[str, float] = {
+            "psnr": float(self.psnr(gt_b, pred_b).item()),
+            "ssim": float(ssim_fn(gt_b, pred_b, padding="valid").item()),
+        }
+        lpips = self.lpips_metric(gt_b, pred_b)
+        if lpips is not None:
+            metrics["lpips"] = lpips
+        return metrics, {"img": torch.cat([gt, pred], dim=1)}

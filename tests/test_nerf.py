@@ -1,0 +1,148 @@
+"""splat-ext-nerf: the paper's encoding and network, its volume rendering, and a tiny CPU training run on lego."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nerfstudio_splat_ext.fields.nerf_mlp import NeRFMLP, PositionalEncoding
+
+BIN = Path(sys.executable).parent
+
+
+def test_positional_encoding_matches_the_formula():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(17, 3, generator=g) * 4 - 2
+    enc = PositionalEncoding(3, num_frequencies=6)(x)
+    assert enc.shape == (17, 3 * (2 * 6 + 1))
+    torch.testing.assert_close(enc[:, :3], x)
+    for k in range(6):
+        block = enc[:, 3 + 6 * k : 3 + 6 * (k + 1)]
+        torch.testing.assert_close(block[:, :3], torch.sin(x * 2.0**k))
+        torch.testing.assert_close(block[:, 3:], torch.cos(x * 2.0**k))
+
+
+def test_mlp_has_the_paper_layout_and_ranges():
+    mlp = NeRFMLP()
+    widths = [(layer.in_features, layer.out_features) for layer in mlp.trunk]
+    pos_dim, dir_dim = 3 + 3 * 2 * 10, 3 + 3 * 2 * 4
+    assert len(widths) == 8 and all(out == 256 for _, out in widths)
+    assert widths[0][0] == pos_dim and widths[4][0] == 256 + pos_dim  # skip into the fifth layer
+    assert all(w[0] == 256 for i, w in enumerate(widths) if i not in (0, 4))
+    assert mlp.color_hidden.in_features == 256 + dir_dim and mlp.color_hidden.out_features == 128
+    g = torch.Generator().manual_seed(1)
+    sigma, rgb = mlp(torch.randn(64, 3, generator=g), torch.nn.functional.normalize(torch.randn(64, 3, generator=g), dim=-1))
+    assert sigma.shape == (64, 1) and rgb.shape == (64, 3)
+    assert bool((sigma >= 0).all()) and bool(((rgb > 0) & (rgb < 1)).all())
+    # density does not depend on the view direction
+    p = torch.randn(8, 3, generator=g)
+    s1, _ = mlp(p, torch.tensor([[0.0, 0.0, 1.0]]).expand(8, 3))
+    s2, _ = mlp(p, torch.tensor([[1.0, 0.0, 0.0]]).expand(8, 3))
+    torch.testing.assert_close(s1, s2)
+
+
+def _model(**overrides):
+    from nerfstudio.data.scene_box import SceneBox
+
+    from nerfstudio_splat_ext.models.nerf import SplatExtNerfModelConfig
+
+    cfg = SplatExtNerfModelConfig(mlp_depth=2, mlp_width=16, mlp_skip=1, color_width=8, num_coarse_samples=32,
+                                  num_importance_samples=32, fast_path="off", **overrides)
+    box = SceneBox(aabb=torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]]))
+    return cfg.setup(scene_box=box, num_train_data=1, metadata={"background_color": torch.ones(3)})
+
+
+def _rays(n: int):
+    from nerfstudio.cameras.rays import RayBundle
+
+    origins = torch.tensor([[0.0, 0.0, -3.0]]).expand(n, 3).clone()
+    xy = torch.linspace(-0.2, 0.2, n)
+    directions = torch.nn.functional.normalize(torch.stack([xy, torch.zeros(n), torch.ones(n)], -1), dim=-1)
+    return RayBundle(origins=origins, directions=directions, pixel_area=torch.ones(n, 1),
+                     camera_indices=torch.zeros(n, 1, dtype=torch.long))
+
+
+def test_volume_rendering_of_a_homogeneous_box_is_analytic():
+    """A constant density sigma and colour c inside the box: C = (1 - exp(-sigma L)) c + exp(-sigma L) bg, where L is
+    the ray's length inside the box (the collider clips rays to it)."""
+    model = _model()
+    model.eval()
+    sigma, colour = 0.7, torch.tensor([0.2, 0.5, 0.9])
+
+    def constant(positions, directions):
+        shape = positions.shape[:-1]
+        return torch.full((*shape, 1), sigma), colour.expand(*shape, 3)
+
+    model.field_coarse.forward = constant
+    model.field_fine.forward = constant
+    rays = _rays(9)
+    with torch.no_grad():
+        out = model(rays)
+    length = 2.0 / rays.directions[:, 2]  # z from -1 to 1
+    trans = torch.exp(-sigma * length)[:, None]
+    expected = (1 - trans) * colour + trans * torch.ones(3)
+    torch.testing.assert_close(out["rgb"], expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(out["accumulation"], 1 - trans, atol=1e-4, rtol=0)
+
+
+def test_training_step_reduces_the_loss_on_a_fixed_batch():
+    model = _model()
+    model.train()
+    rays = _rays(32)
+    batch = {"image": torch.rand(32, 3, generator=torch.Generator().manual_seed(2))}
+    params = model.get_param_groups()["fields"]
+    assert {id(p) for p in params} == {id(p) for p in model.field_coarse.parameters()} | {
+        id(p) for p in model.field_fine.parameters()
+    }
+    opt = torch.optim.Adam(params, lr=5e-3)
+    losses = []
+    for _ in range(60):
+        loss = sum(model.get_loss_dict(model(rays), batch).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_ns_train_lists_splat_ext_nerf():
+    out = subprocess.run([str(BIN / "ns-train"), "--help"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "splat-ext-nerf" in out.stdout
+
+
+# A tiny NeRF (4x64 MLP, 32 + 32 samples, 512 rays per batch) that trains on 2 cores in a few minutes.
+TINY = [
+    "--pipeline.model.mlp-depth", "4", "--pipeline.model.mlp-width", "64", "--pipeline.model.mlp-skip", "2",
+    "--pipeline.model.color-width", "32", "--pipeline.model.num-coarse-samples", "32",
+    "--pipeline.model.num-importance-samples", "32", "--pipeline.datamanager.train-num-rays-per-batch", "512",
+]
+NERF_CPU_STEPS = 2500
+NERF_CPU_MIN_PSNR = 20.0
+
+
+@pytest.mark.slow
+def test_tiny_nerf_on_lego_50px_cpu(lego_dir, tmp_path):
+    train = subprocess.run(
+        [str(BIN / "ns-train"), "splat-ext-nerf", "--data", str(lego_dir), "--output-dir", str(tmp_path),
+         "--experiment-name", "cpu", "--timestamp", "run", "--machine.device-type", "cpu", "--vis", "tensorboard",
+         "--max-num-iterations", str(NERF_CPU_STEPS), "--optimizers.fields.scheduler.max-steps", str(NERF_CPU_STEPS),
+         "--steps-per-eval-image", str(10 * NERF_CPU_STEPS), "--steps-per-eval-all-images", str(10 * NERF_CPU_STEPS),
+         "--steps-per-save", str(NERF_CPU_STEPS), "--pipeline.datamanager.camera-res-scale-factor", "0.0625",
+         "--pipeline.model.eval-num-rays-per-chunk", "2500", *TINY],
+        capture_output=True, text=True, timeout=1200,
+    )
+    assert train.returncode == 0, train.stderr[-3000:]
+    config = tmp_path / "cpu" / "splat-ext-nerf" / "run" / "config.yml"
+    metrics = tmp_path / "eval.json"
+    ev = subprocess.run([str(BIN / "ns-eval"), "--load-config", str(config), "--output-path", str(metrics)],
+                        capture_output=True, text=True, timeout=600)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    results = json.loads(metrics.read_text())["results"]
+    print(f"splat-ext-nerf tiny, lego 50x50 CPU: test PSNR {results['psnr']:.2f} dB, SSIM {results['ssim']:.4f}")
+    assert math.isfinite(results["psnr"]) and results["psnr"] >= NERF_CPU_MIN_PSNR
