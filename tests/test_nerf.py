@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from viewer_check import viewer_page
 
 from nerfstudio_splat_ext.fields.nerf_mlp import NeRFMLP, PositionalEncoding
 
@@ -146,3 +147,4 @@ def test_tiny_nerf_on_lego_50px_cpu(lego_dir, tmp_path):
     results = json.loads(metrics.read_text())["results"]
     print(f"splat-ext-nerf tiny, lego 50x50 CPU: test PSNR {results['psnr']:.2f} dB, SSIM {results['ssim']:.4f}")
     assert math.isfinite(results["psnr"]) and results["psnr"] >= NERF_CPU_MIN_PSNR
+    assert "<html" in viewer_page(config).lower()  # ns-viewer loads the NeRF checkpoint and serves the page
