@@ -57,3 +57,11 @@ def compare(ours: Path, reference: Path) -> Dict[str, float]:
         "rotation_error_median_deg": float(np.median(angles)),
         "rotation_error_max_deg": float(np.max(angles)),
     }
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m nerfstudio_splat_ext.process.pose_check OURS/transforms.json REFERENCE/transforms.json")
+    print(json.dumps(compare(Path(sys.argv[1]), Path(sys.argv[2])), indent=2))
