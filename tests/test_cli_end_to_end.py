@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from viewer_check import viewer_page
+from cli_helpers import viewer_page
 
 BIN = Path(sys.executable).parent
 STEPS = 200

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import subprocess
 import sys
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from viewer_check import viewer_page
+from cli_helpers import train_and_eval, viewer_page
 
 from nerfstudio_splat_ext.fields.nerf_mlp import NeRFMLP, PositionalEncoding
 
@@ -129,22 +128,12 @@ NERF_CPU_MIN_PSNR = 20.0
 
 @pytest.mark.slow
 def test_tiny_nerf_on_lego_50px_cpu(lego_dir, tmp_path):
-    train = subprocess.run(
-        [str(BIN / "ns-train"), "splat-ext-nerf", "--data", str(lego_dir), "--output-dir", str(tmp_path),
-         "--experiment-name", "cpu", "--timestamp", "run", "--machine.device-type", "cpu", "--vis", "tensorboard",
-         "--max-num-iterations", str(NERF_CPU_STEPS), "--optimizers.fields.scheduler.max-steps", str(NERF_CPU_STEPS),
-         "--steps-per-eval-image", str(10 * NERF_CPU_STEPS), "--steps-per-eval-all-images", str(10 * NERF_CPU_STEPS),
-         "--steps-per-save", str(NERF_CPU_STEPS), "--pipeline.datamanager.camera-res-scale-factor", "0.0625",
-         "--pipeline.model.eval-num-rays-per-chunk", "2500", *TINY],
-        capture_output=True, text=True, timeout=1200,
-    )
-    assert train.returncode == 0, train.stderr[-3000:]
-    config = tmp_path / "cpu" / "splat-ext-nerf" / "run" / "config.yml"
-    metrics = tmp_path / "eval.json"
-    ev = subprocess.run([str(BIN / "ns-eval"), "--load-config", str(config), "--output-path", str(metrics)],
-                        capture_output=True, text=True, timeout=600)
-    assert ev.returncode == 0, ev.stderr[-3000:]
-    results = json.loads(metrics.read_text())["results"]
+    results, config = train_and_eval("splat-ext-nerf", lego_dir, tmp_path, [
+        "--machine.device-type", "cpu", "--vis", "tensorboard",
+        "--max-num-iterations", str(NERF_CPU_STEPS), "--optimizers.fields.scheduler.max-steps", str(NERF_CPU_STEPS),
+        "--steps-per-eval-image", str(10 * NERF_CPU_STEPS), "--steps-per-eval-all-images", str(10 * NERF_CPU_STEPS),
+        "--steps-per-save", str(NERF_CPU_STEPS), "--pipeline.datamanager.camera-res-scale-factor", "0.0625",
+        "--pipeline.model.eval-num-rays-per-chunk", "2500", *TINY])
     print(f"splat-ext-nerf tiny, lego 50x50 CPU: test PSNR {results['psnr']:.2f} dB, SSIM {results['ssim']:.4f}")
     assert math.isfinite(results["psnr"]) and results["psnr"] >= NERF_CPU_MIN_PSNR
     assert "<html" in viewer_page(config).lower()  # ns-viewer loads the NeRF checkpoint and serves the page

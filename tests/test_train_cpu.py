@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import train_and_eval
 
 from nerfstudio_splat_ext.method_configs import short_schedule_flags
 
 BIN = Path(sys.executable).parent
+
 
 def cpu_schedule(steps: int) -> list:
     return [
@@ -24,26 +25,11 @@ def cpu_schedule(steps: int) -> list:
     ]
 
 
-def train_and_eval(data: Path, out: Path, steps: int, extra: list) -> dict:
-    train = subprocess.run(
-        [str(BIN / "ns-train"), "splat-ext", "--data", str(data), "--output-dir", str(out), "--experiment-name", "cpu",
-         "--timestamp", "run", *cpu_schedule(steps), *extra],
-        capture_output=True, text=True, timeout=1200,
-    )
-    assert train.returncode == 0, train.stderr[-3000:]
-    config = out / "cpu" / "splat-ext" / "run" / "config.yml"
-    metrics = out / "eval.json"
-    ev = subprocess.run([str(BIN / "ns-eval"), "--load-config", str(config), "--output-path", str(metrics)],
-                        capture_output=True, text=True, timeout=600)
-    assert ev.returncode == 0, ev.stderr[-3000:]
-    return json.loads(metrics.read_text())["results"]
-
-
 @pytest.mark.slow
 def test_lego_100px_cpu_reaches_24db_on_test_views(lego_dir, tmp_path):
     # 800x800 -> 100x100; the 25 test views of the official split are evaluated by ns-eval.
-    results = train_and_eval(lego_dir, tmp_path, steps=1500,
-                             extra=["--pipeline.datamanager.camera-res-scale-factor", "0.125"])
+    results, _ = train_and_eval("splat-ext", lego_dir, tmp_path, [
+        *cpu_schedule(1500), "--pipeline.datamanager.camera-res-scale-factor", "0.125"])
     print(f"lego 100x100 CPU: test PSNR {results['psnr']:.2f} dB, SSIM {results['ssim']:.4f}, "
           f"{int(results['num_gaussians'])} Gaussians")
     assert results["psnr"] >= 24.0

@@ -24,6 +24,7 @@ from torch.nn import Parameter
 
 from nerfstudio_splat_ext.fields.nerf_mlp import NeRFMLP
 from nerfstudio_splat_ext.losses.ssim import ssim as ssim_fn
+from nerfstudio_splat_ext.model_components.background import resolve_background
 from nerfstudio_splat_ext.utils.lpips import LazyLPIPS
 
 
@@ -76,7 +77,8 @@ class SplatExtNerfModel(Model):
         self.field_fine = NeRFMLP(**mlp)
         self.sampler_uniform = UniformSampler(num_samples=cfg.num_coarse_samples, train_stratified=True)
         self.sampler_pdf = PDFSampler(num_samples=cfg.num_importance_samples, include_original=True)
-        self.renderer_rgb = RGBRenderer(background_color=self._background())
+        background = resolve_background(cfg.background_color, self.kwargs.get("metadata"))
+        self.renderer_rgb = RGBRenderer(background_color=background)
         self.renderer_accumulation = AccumulationRenderer()
         self.renderer_depth = DepthRenderer(method="expected")
 
@@ -99,13 +101,6 @@ class SplatExtNerfModel(Model):
 
         self.psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.lpips_metric = LazyLPIPS()
-
-    def _background(self) -> torch.Tensor:
-        choice = self.config.background_color
-        if choice == "auto":
-            colour = (self.kwargs.get("metadata") or {}).get("background_color")
-            return torch.as_tensor(colour, dtype=torch.float32).clone() if colour is not None else torch.zeros(3)
-        return torch.ones(3) if choice == "white" else torch.zeros(3)
 
     def _density(self, positions: torch.Tensor, times=None) -> torch.Tensor:
         return self.field_fine.density(positions)

@@ -24,6 +24,7 @@ from torch.nn import Parameter
 
 from nerfstudio_splat_ext.losses.photometric import PhotometricLossConfig
 from nerfstudio_splat_ext.losses.ssim import ssim as ssim_fn
+from nerfstudio_splat_ext.model_components.background import resolve_background
 from nerfstudio_splat_ext.render.backend import RenderBackend, get_rasterizer
 from nerfstudio_splat_ext.strategy.adc import ADCStrategy
 from nerfstudio_splat_ext.utils.lpips import LazyLPIPS
@@ -153,7 +154,7 @@ class SplatExtModel(SplatfactoModel):
         self.loss_fn = cfg.loss.setup()
         self.step = 0
         self.crop_box = None
-        self.background_color = self._resolve_background_color()
+        self.background_color = resolve_background(cfg.background_color, self.kwargs.get("metadata"))
         self.strategy = cfg.strategy
         self.strategy_state: Optional[dict] = None
         self.scene_extent: Optional[float] = None
@@ -169,16 +170,6 @@ class SplatExtModel(SplatfactoModel):
         if xyz is None or xyz.shape[0] < 4:
             return None, None
         return xyz, (rgb if rgb is not None and rgb.shape[0] == xyz.shape[0] else None)
-
-    def _resolve_background_color(self) -> torch.Tensor:
-        choice = self.config.background_color
-        if choice == "auto":
-            metadata = self.kwargs.get("metadata") or {}
-            colour = metadata.get("background_color")
-            return torch.as_tensor(colour, dtype=torch.float32).clone() if colour is not None else torch.zeros(3)
-        if choice == "random":
-            return torch.tensor([0.1490, 0.1647, 0.2157])  # the viewer's background, used outside training
-        return torch.ones(3) if choice == "white" else torch.zeros(3)
 
     def _get_background_color(self) -> torch.Tensor:
         if self.config.background_color == "random" and self.training:

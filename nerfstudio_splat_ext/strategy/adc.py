@@ -283,9 +283,7 @@ class ADCStrategy:
                     f"info has gradients for {grads.shape[1]} Gaussians / radii for "
                     f"{radii.shape[1]}, but params hold {n}"
                 )
-            gs_ids = torch.arange(n, device=grads.device).repeat(grads.shape[0])
-            grads = grads.reshape(-1, 2)
-            radii = radii.reshape(-1)
+            gs_ids = None  # [C, N]: entries already sit at their Gaussian's index
         # Invisible entries (radius 0) are weighted by 0 rather than filtered out: boolean indexing would make the
         # host wait for the GPU every step.
         visible = (radii > 0).float()
@@ -302,11 +300,16 @@ class ADCStrategy:
                 )
         image_size = max(width, height)
         state["image_size"] = image_size
-        state["grad2d"].index_add_(0, gs_ids, grads.norm(dim=-1).float() * visible)
-        state["count"].index_add_(0, gs_ids, visible)
-        state["max_radii2d"].scatter_reduce_(
-            0, gs_ids, radii.float() * visible / image_size, reduce="amax", include_self=True
-        )
+        norms = grads.norm(dim=-1).float() * visible
+        radii_frac = radii.float() * visible / image_size
+        if gs_ids is None:
+            state["grad2d"] += norms.sum(dim=0)
+            state["count"] += visible.sum(dim=0)
+            torch.maximum(state["max_radii2d"], radii_frac.amax(dim=0), out=state["max_radii2d"])
+        else:
+            state["grad2d"].index_add_(0, gs_ids, norms)
+            state["count"].index_add_(0, gs_ids, visible)
+            state["max_radii2d"].scatter_reduce_(0, gs_ids, radii_frac, reduce="amax", include_self=True)
 
     @torch.no_grad()
     def _refine(

@@ -1,7 +1,8 @@
-"""Start `ns-viewer --load-config` on a free local port and return the page it serves (shared by the CLI tests)."""
+"""Helpers shared by the CLI tests: train then evaluate through ns-train / ns-eval, and fetch the viewer page."""
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -11,6 +12,22 @@ import urllib.request
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+
+
+def train_and_eval(method: str, data: Path, out: Path, flags: list) -> tuple:
+    """`ns-train METHOD --data DATA <flags>` into OUT, then `ns-eval` on the test views: (results dict, config path)."""
+    train = subprocess.run(
+        [str(BIN / "ns-train"), method, "--data", str(data), "--output-dir", str(out), "--experiment-name", "cpu",
+         "--timestamp", "run", *flags],
+        capture_output=True, text=True, timeout=1200,
+    )
+    assert train.returncode == 0, train.stderr[-3000:]
+    config = out / "cpu" / method / "run" / "config.yml"
+    metrics = out / "eval.json"
+    ev = subprocess.run([str(BIN / "ns-eval"), "--load-config", str(config), "--output-path", str(metrics)],
+                        capture_output=True, text=True, timeout=600)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    return json.loads(metrics.read_text())["results"], config
 
 
 def _free_port() -> int:
