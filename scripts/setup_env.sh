@@ -18,7 +18,7 @@ if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv with $($PYTHON --version)"
   "$PYTHON" -m venv .venv
 fi
-if ! .venv/bin/python -c "import nerfstudio, gsplat, torchvision, nerfstudio_splat_ext, pytest, pytorch_msssim" 2>/dev/null; then
+if ! .venv/bin/python -c "import nerfstudio, gsplat, torchvision, nerfstudio_splat_ext, pytest, pytorch_msssim, selenium" 2>/dev/null; then
   echo "[setup] installing torch, nerfstudio, gsplat and nerfstudio-splat-ext into .venv (a few minutes, about 6 GB)"
   .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
   .venv/bin/python -m pip install -q "torch==2.11.0" "torchvision==0.26.0" -e ".[test]" 2>&1 | grep -v "is ignored" || true

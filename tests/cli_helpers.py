@@ -63,3 +63,105 @@ def viewer_page(config: Path, timeout_s: float = 180.0) -> str:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def browser_unavailable_reason() -> str:
+    """Why the headless-browser viewer test cannot run here ('' when it can)."""
+    import shutil
+
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "needs the selenium package (pip install -e '.[test]')"
+    for exe in ("chromium", "chromedriver"):
+        if shutil.which(exe) is None:
+            return f"needs `{exe}` on the PATH (Debian: apt-get install chromium chromium-driver; .ci/run installs it)"
+    return ""
+
+
+def _resolution_shown(driver) -> tuple:
+    """The last 'Resolution: WxHpx' the viewer's control panel shows (the size of the last frame it received)."""
+    import re
+
+    found = re.findall(r"Resolution: (\d+)\D(\d+)px", driver.find_element("tag name", "body").text)
+    return tuple(int(v) for v in found[-1]) if found else ()
+
+
+def _wait_for_frame(driver, max_res: int, timeout_s: float, after_low_res: bool) -> tuple:
+    """Waits for a frame whose long side is `max_res` (the viewer's static render); with `after_low_res`, only one
+    that follows a lower-resolution frame (the viewer renders small while the camera moves, then at full size)."""
+    seen_low = not after_low_res
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        res = _resolution_shown(driver)
+        if res and max(res) < max_res:
+            seen_low = True
+        if res and seen_low and max(res) >= max_res:
+            return res
+        time.sleep(0.2)
+    raise AssertionError(f"no {max_res}px frame reached the browser in {timeout_s:.0f} s (last shown: {res})")
+
+
+def viewer_screenshot(config: Path, screenshot: Path, timeout_s: float = 240.0) -> dict:
+    """Serves the run with `ns-viewer` on 127.0.0.1, opens it in headless Chromium, waits for a full-resolution frame,
+    zooms the camera out (nerfstudio's default camera starts inside Blender-style objects), waits for the next
+    full-resolution frame and saves a screenshot of the 3D canvas. Returns what the browser saw."""
+    import numpy as np
+    from PIL import Image
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
+    import shutil
+
+    port = _free_port()
+    proc = subprocess.Popen(
+        [str(BIN / "ns-viewer"), "--load-config", str(config), "--viewer.websocket-port", str(port),
+         "--viewer.websocket-host", "127.0.0.1",
+         # no training-image frustums: the canvas then shows only the rendered scene
+         "--viewer.max-num-display-images", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    options = Options()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,800",
+                # WebGL in software: headless machines have no GPU
+                "--use-angle=swiftshader", "--enable-unsafe-swiftshader"):
+        options.add_argument(arg)
+    options.binary_location = shutil.which("chromium")
+    driver = None
+    try:
+        deadline = time.time() + 120
+        while True:  # wait for the server before pointing the browser at it
+            assert proc.poll() is None, proc.stdout.read()[-3000:] if proc.stdout else ""
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).close()
+                break
+            except OSError:
+                assert time.time() < deadline, "ns-viewer did not start serving in 120 s"
+                time.sleep(1.0)
+        driver = webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
+        driver.get(f"http://127.0.0.1:{port}/")
+        max_res = 512  # the viewer's default "Max res"
+        first = _wait_for_frame(driver, max_res, timeout_s, after_low_res=False)
+        canvas = driver.find_elements("tag name", "canvas")[-1]
+        for _ in range(10):
+            ActionChains(driver).scroll_from_origin(ScrollOrigin.from_element(canvas), 0, 300).perform()
+            time.sleep(0.05)
+        zoomed = _wait_for_frame(driver, max_res, timeout_s, after_low_res=True)
+        time.sleep(1.0)  # the frame's texture is drawn on the next animation frame
+        canvas.screenshot(str(screenshot))
+        connected = "Connected" in driver.find_element("tag name", "body").text
+    finally:
+        if driver is not None:
+            driver.quit()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    pixels = np.asarray(Image.open(screenshot).convert("RGB")).astype(np.int32).reshape(-1, 3)
+    colours, counts = np.unique(pixels, axis=0, return_counts=True)
+    background = colours[counts.argmax()]  # the empty viewport's colour: the most frequent one
+    foreground = float((np.abs(pixels - background).sum(-1) > 30).mean())
+    return {"connected": connected, "first_frame": first, "zoomed_frame": zoomed, "foreground_fraction": foreground}
