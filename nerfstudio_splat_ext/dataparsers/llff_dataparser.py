@@ -14,7 +14,10 @@ The parser follows NeRF's LLFF loader:
   * hold-out: images whose index i satisfies i % hold_out_every == 0 are the test / val views, the rest train.
 
 The scene box encloses the camera centres and the points at the near and far bounds on each camera's optical axis
-(a forward-facing scene lies in front of the cameras), padded by 10%; random initialisation fills it.
+(a forward-facing scene lies in front of the cameras), padded by 10%. When the scene folder holds the COLMAP model the
+poses came from (`sparse/0/points3D.bin` or `.txt`), its points seed splat-ext (random init in a box of a
+forward-facing scene wastes most Gaussians); LLFF poses keep COLMAP's world frame, so the points take the same
+recentring and scaling as the cameras.
 Missing files end the command with one line naming the path and the fix (DatasetError).
 """
 
@@ -52,6 +55,8 @@ class LLFFDataParserConfig(DataParserConfig):
     """Extra factor multiplied into the scale (1.0: NeRF's scale)."""
     center_poses: bool = True
     """Recentre the poses so that the average camera pose is the identity."""
+    load_sfm_points: bool = True
+    """Seed points from sparse/0/points3D.(bin|txt) when present (splat-ext initialises from them)."""
 
 
 def _normalize(v: np.ndarray) -> np.ndarray:
@@ -193,6 +198,9 @@ class LLFFDataParser(DataParser):
             height=torch.full((len(indices), 1), height, dtype=torch.long),
             camera_type=CameraType.PERSPECTIVE,
         )
+        metadata = {"near_far": torch.tensor(bounds[indices], dtype=torch.float32)}
+        if self.config.load_sfm_points:
+            metadata.update(self._sfm_points(transform, scale))
         return DataparserOutputs(
             image_filenames=[files[i] for i in indices],
             cameras=cameras,
@@ -200,5 +208,28 @@ class LLFFDataParser(DataParser):
             scene_box=scene_box,
             dataparser_scale=scale,
             dataparser_transform=torch.tensor(transform[:3, :], dtype=torch.float32),
-            metadata={"near_far": torch.tensor(bounds[indices], dtype=torch.float32)},
+            metadata=metadata,
         )
+
+    def _sfm_points(self, transform: np.ndarray, scale: float) -> dict:
+        """points3D_xyz / points3D_rgb (the keys splatfacto-style models read) in the parser's frame, or {}."""
+        from nerfstudio.data.utils import colmap_parsing_utils as colmap_io
+
+        sparse = Path(self.config.data) / "sparse" / "0"
+        try:
+            if (sparse / "points3D.bin").exists():
+                points = colmap_io.read_points3D_binary(sparse / "points3D.bin")
+            elif (sparse / "points3D.txt").exists():
+                points = colmap_io.read_points3D_text(sparse / "points3D.txt")
+            else:
+                return {}
+        except Exception as err:  # noqa: BLE001 - a broken file names itself and the way out
+            raise DatasetError(
+                f"{sparse}: cannot read the COLMAP points ({err}); fix or remove the file, or pass --load-sfm-points False"
+            ) from None
+        if not points:
+            return {}
+        xyz = np.stack([p.xyz for p in points.values()]).astype(np.float64)
+        rgb = np.stack([p.rgb for p in points.values()]).astype(np.uint8)
+        xyz = (transform[:3, :3] @ xyz.T + transform[:3, 3:4]).T * scale
+        return {"points3D_xyz": torch.tensor(xyz, dtype=torch.float32), "points3D_rgb": torch.from_numpy(rgb)}
