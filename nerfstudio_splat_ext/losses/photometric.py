@@ -8,6 +8,7 @@ from typing import Type
 import torch
 from nerfstudio.configs.base_config import InstantiateConfig
 
+from nerfstudio_splat_ext.losses.fused_ssim import fused_ssim
 from nerfstudio_splat_ext.losses.ssim import ssim
 
 
@@ -20,6 +21,9 @@ class PhotometricLossConfig(InstantiateConfig):
     """Weight of the D-SSIM term (the paper's 0.2)."""
     ssim_window: int = 11
     ssim_sigma: float = 1.5
+    fused_ssim: bool = True
+    """Compute SSIM with the fused CUDA kernels where they apply (else the PyTorch reference); False always
+    uses the reference."""
 
 
 class PhotometricLoss(torch.nn.Module):
@@ -35,7 +39,8 @@ class PhotometricLoss(torch.nn.Module):
         lam = self.config.ssim_lambda
         if lam == 0.0:
             return l1
-        d_ssim = 1.0 - ssim(
+        ssim_fn = fused_ssim if self.config.fused_ssim else ssim
+        d_ssim = 1.0 - ssim_fn(
             pred.permute(0, 3, 1, 2), target.permute(0, 3, 1, 2), self.config.ssim_window, self.config.ssim_sigma
         )
         return (1.0 - lam) * l1 + lam * d_ssim
