@@ -4,6 +4,9 @@ and write a markdown table: test PSNR / SSIM, training rays per second, steps, w
 
     python benchmarks/bench_nerf.py --data ../shared/data/nerf_synthetic_lego --budget-s 540 --out-dir bench/nerf
 
+With --gpus 0 1 2 the methods train (and are evaluated) at the same time, each alone on its own GPU, so the
+benchmark takes one budget of wall-clock time instead of three.
+
 Rays per second: steps x rays per step / seconds of training steps; for splat-ext a step renders one whole image,
 so its rays per step are that image's pixels. All methods read the data through splat-ext-data.
 """
@@ -14,11 +17,12 @@ import argparse
 import json
 import shlex
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_splat import evaluate, train  # noqa: E402
+from bench_splat import evaluate, evaluate_in_child, train  # noqa: E402
 
 METHODS: Dict[str, List[str]] = {
     "splat-ext-nerf": ["splat-ext-nerf"],
@@ -67,7 +71,11 @@ def main() -> None:
     parser.add_argument("--skip-eval", action="store_true")
     parser.add_argument("--flags", action="append", default=[], metavar="METHOD=FLAGS",
                         help="extra ns-train flags for one method, e.g. splat-ext-nerf='--pipeline.model.fast-path off'")
+    parser.add_argument("--gpus", type=int, nargs="+", default=None,
+                        help="run the methods concurrently, method i alone on GPU gpus[i] (as many GPUs as methods)")
     args = parser.parse_args()
+    if args.gpus is not None and len(args.gpus) < len(args.methods):
+        parser.error(f"--gpus needs one GPU per method ({len(args.methods)})")
 
     per_method = {m: [] for m in METHODS}
     for item in args.flags:
@@ -76,23 +84,39 @@ def main() -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     runs_file = args.out_dir / "runs.json"
     runs = json.loads(runs_file.read_text()) if runs_file.exists() else {}
+    def train_one(index_method):
+        index, method = index_method
+        # splat-ext's schedule is 30k steps (it may finish inside the budget); the NeRFs run until the budget.
+        steps = min(args.max_steps, 30_000) if method == "splat-ext" else args.max_steps
+        run = train(method, args.data, steps, args.out_dir, per_method[method], method_args=METHODS[method],
+                    time_budget_s=args.budget_s, gpu=None if args.gpus is None else args.gpus[index])
+        print(f"[bench] {method}: {run['steps']} steps in {run['train_loop_s']:.0f} s", flush=True)
+        return method, run
+
     if not args.skip_train:
-        for method in args.methods:
-            # splat-ext's schedule is 30k steps (it may finish inside the budget); the NeRFs run until the budget.
-            steps = min(args.max_steps, 30_000) if method == "splat-ext" else args.max_steps
-            runs[method] = train(method, args.data, steps, args.out_dir, per_method[method],
-                                 method_args=METHODS[method], time_budget_s=args.budget_s)
-            runs_file.write_text(json.dumps(runs, indent=2))
-            print(f"[bench] {method}: {runs[method]['steps']} steps in {runs[method]['train_loop_s']:.0f} s", flush=True)
+        with ThreadPoolExecutor(max_workers=1 if args.gpus is None else len(args.methods)) as pool:
+            for method, run in pool.map(train_one, enumerate(args.methods)):
+                runs[method] = run
+                runs_file.write_text(json.dumps(runs, indent=2))
     if args.skip_eval:
         return
+    evaluated = [m for m in METHODS if m in runs]
+    if args.gpus is None:
+        by_method = {m: evaluate(runs[m], {}) for m in evaluated}
+    else:
+        if len(args.gpus) < len(evaluated):
+            parser.error(f"--gpus needs one GPU per evaluated run ({len(evaluated)})")
+        children = {m: evaluate_in_child(runs[m], args.gpus[i], args.out_dir / f"eval-{m}.json") for i, m in enumerate(evaluated)}
+        for m, child in children.items():
+            if child.wait() != 0:
+                raise RuntimeError(f"evaluation of {m} failed")
+        by_method = {m: json.loads((args.out_dir / f"eval-{m}.json").read_text()) for m in evaluated}
     results = []
-    for method in METHODS:
-        if method in runs:
-            result = evaluate(runs[method], {})
-            result["rays_per_s"] = runs[method]["steps"] * rays_per_step(Path(runs[method]["config"])) / max(
-                runs[method]["train_loop_s"] or 1e-9, 1e-9)
-            results.append(result)
+    for method in evaluated:
+        result = by_method[method]
+        result["rays_per_s"] = runs[method]["steps"] * rays_per_step(Path(runs[method]["config"])) / max(
+            runs[method]["train_loop_s"] or 1e-9, 1e-9)
+        results.append(result)
     (args.out_dir / "results.json").write_text(json.dumps(results, indent=2))
     table = markdown(results)
     (args.out_dir / "results.md").write_text(table + "\n")

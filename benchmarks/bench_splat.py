@@ -91,9 +91,12 @@ def train(
     label: str = "",
     method_args: Optional[List[str]] = None,
     time_budget_s: float = 0.0,
+    dataparser: Optional[List[str]] = None,
+    gpu: Optional[int] = None,
 ) -> dict:
     """Train one method in a child ns-train. ``method_args``: the method name and its own flags (default: METHODS);
-    ``time_budget_s`` > 0 stops training after that many seconds of training steps."""
+    ``time_budget_s`` > 0 stops training after that many seconds of training steps; ``dataparser``: the dataparser
+    subcommand and its flags (default splat-ext-data); ``gpu``: train on that GPU only (CUDA_VISIBLE_DEVICES)."""
     method_args = method_args or METHODS[method]
     timestamp = label or method
     cmd = [
@@ -113,7 +116,7 @@ def train(
         "--viewer.quit-on-train-completion", "True",
         *method_args[1:],
         *extra,
-        "splat-ext-data",
+        *(dataparser or ["splat-ext-data"]),
     ]
     print(f"[bench] training {method}: {' '.join(cmd[3:])}", flush=True)
     t0 = time.time()
@@ -122,6 +125,8 @@ def train(
         # benchmarks/ on the path of the child, for offline_lpips
         bench_dir = str(Path(__file__).resolve().parent)
         env = dict(os.environ, BENCH_TIME_BUDGET_S=str(time_budget_s), PYTHONPATH=os.pathsep.join(filter(None, [bench_dir, os.environ.get("PYTHONPATH")])))
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(gpu)
         proc = subprocess.run(cmd, stdout=log_file, stderr=subprocess.STDOUT, text=True, env=env)
     wall = time.time() - t0
     log = log_path.read_text()
@@ -199,6 +204,17 @@ def evaluate(run: dict, side_by_side: dict) -> dict:
     }
 
 
+def evaluate_in_child(run: dict, gpu: int, result_path: Path) -> subprocess.Popen:
+    """Starts evaluate(run) in a child process on one GPU; it writes the result dict to result_path."""
+    code = (
+        "import json, sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); from bench_splat import evaluate; "
+        "r = evaluate(json.loads(sys.argv[2]), {}); Path(sys.argv[3]).write_text(json.dumps(r))"
+    )
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu))
+    return subprocess.Popen([sys.executable, "-c", code, str(Path(__file__).resolve().parent), json.dumps(run),
+                             str(result_path)], env=env)
+
+
 def write_side_by_side(images: dict, order: List[str], path: Path, size: int = 256) -> None:
     import torch
     import torch.nn.functional as F
@@ -236,18 +252,33 @@ def main() -> None:
     parser.add_argument("--skip-eval", action="store_true", help="only train (evaluate in a later invocation)")
     parser.add_argument("--image", type=Path, default=None, help="side-by-side PNG of test view 0")
     parser.add_argument("--ours", default="", help="flags for splat-ext only (one quoted string)")
+    parser.add_argument("--dataparser", default="splat-ext-data",
+                        help="dataparser subcommand and its flags (one quoted string), e.g. 'splat-ext-llff'")
+    parser.add_argument("--gpus", type=int, nargs="+", default=None,
+                        help="train the methods concurrently, method i alone on GPU gpus[i] (when wall times are not compared)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every ns-train")
     args = parser.parse_args()
+    if args.gpus is not None and len(args.gpus) < len(args.methods):
+        parser.error(f"--gpus needs one GPU per method ({len(args.methods)})")
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     runs_file = args.out_dir / "runs.json"
     runs = json.loads(runs_file.read_text()) if runs_file.exists() else {}
+    def train_one(index_method):
+        index, method = index_method
+        ours = shlex.split(args.ours) if method == "splat-ext" else []
+        run = train(method, args.data, args.steps, args.out_dir, [*ours, *args.extra],
+                    dataparser=shlex.split(args.dataparser), gpu=None if args.gpus is None else args.gpus[index])
+        print(f"[bench] {method}: trained in {run['train_wall_s']:.0f} s", flush=True)
+        return method, run
+
     if not args.skip_train:
-        for method in args.methods:
-            ours = shlex.split(args.ours) if method == "splat-ext" else []
-            runs[method] = train(method, args.data, args.steps, args.out_dir, [*ours, *args.extra])
-            runs_file.write_text(json.dumps(runs, indent=2))
-            print(f"[bench] {method}: trained in {runs[method]['train_wall_s']:.0f} s", flush=True)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=1 if args.gpus is None else len(args.methods)) as pool:
+            for method, run in pool.map(train_one, enumerate(args.methods)):
+                runs[method] = run
+                runs_file.write_text(json.dumps(runs, indent=2))
     if args.skip_eval:
         return
     side_by_side: dict = {}
