@@ -93,8 +93,8 @@ NERF_MAX_STEPS = 30_000
 
 
 def splat_ext_nerf_trainer_config() -> SplatExtTrainerConfig:
-    # Adam at 5e-4 decayed exponentially to 5e-5 (the paper's rates, over our shorter schedule); 4096 rays per batch on
-    # GPU (the paper's batch size), 1024 on CPU.
+    # Adam at 5e-4 decayed exponentially to 5e-5 (the paper's rates, over our shorter schedule). 8192 rays per batch
+    # on GPU (twice the paper's: with empty space skipped a step is cheap, and a larger batch fills the GPU), 1024 on CPU.
     gpu = torch.cuda.is_available()
     return SplatExtTrainerConfig(
         method_name="splat-ext-nerf",
@@ -108,7 +108,7 @@ def splat_ext_nerf_trainer_config() -> SplatExtTrainerConfig:
         pipeline=VanillaPipelineConfig(
             datamanager=VanillaDataManagerConfig(
                 dataparser=SplatExtDataParserConfig(),
-                train_num_rays_per_batch=4096 if gpu else 1024,
+                train_num_rays_per_batch=8192 if gpu else 1024,
                 eval_num_rays_per_batch=4096,
             ),
             model=SplatExtNerfModelConfig(eval_num_rays_per_chunk=1 << 14),

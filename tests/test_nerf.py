@@ -52,8 +52,10 @@ def _model(**overrides):
 
     from nerfstudio_splat_ext.models.nerf import SplatExtNerfModelConfig
 
-    cfg = SplatExtNerfModelConfig(mlp_depth=2, mlp_width=16, mlp_skip=1, color_width=8, num_coarse_samples=32,
-                                  num_importance_samples=32, fast_path="off", **overrides)
+    settings = dict(mlp_depth=2, mlp_width=16, mlp_skip=1, color_width=8, num_coarse_samples=32,
+                    num_importance_samples=32, fast_path="off")
+    settings.update(overrides)
+    cfg = SplatExtNerfModelConfig(**settings)
     box = SceneBox(aabb=torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]]))
     return cfg.setup(scene_box=box, num_train_data=1, metadata={"background_color": torch.ones(3)})
 
@@ -68,10 +70,11 @@ def _rays(n: int):
                      camera_indices=torch.zeros(n, 1, dtype=torch.long))
 
 
-def test_volume_rendering_of_a_homogeneous_box_is_analytic():
+@pytest.mark.parametrize("fast_path", ["off", "on"])
+def test_volume_rendering_of_a_homogeneous_box_is_analytic(fast_path):
     """A constant density sigma and colour c inside the box: C = (1 - exp(-sigma L)) c + exp(-sigma L) bg, where L is
-    the ray's length inside the box (the collider clips rays to it)."""
-    model = _model()
+    the ray's length inside the box (the collider, or the occupancy grid's marching, clips rays to it)."""
+    model = _model(fast_path=fast_path, render_step_size=1e-3, grid_resolution=16)
     model.eval()
     sigma, colour = 0.7, torch.tensor([0.2, 0.5, 0.9])
 
@@ -81,6 +84,7 @@ def test_volume_rendering_of_a_homogeneous_box_is_analytic():
 
     model.field_coarse.forward = constant
     model.field_fine.forward = constant
+    model.field_fine.density = lambda positions: constant(positions, None)[0]
     rays = _rays(9)
     with torch.no_grad():
         out = model(rays)

@@ -3,9 +3,10 @@
 Two sampling paths around the same network (`fields/nerf_mlp.py`):
 - reference (the paper; CPU and GPU): 64 stratified coarse samples through a coarse MLP, 128 importance samples from
   the coarse weights, the fine MLP on all 192; MSE on both renders;
-- fast (GPU, default there): an occupancy grid (nerfacc, via nerfstudio's VolumetricSampler) skips empty space and
-  the fine MLP alone is evaluated at small fixed steps inside occupied cells; mixed precision and TF32 come from the
-  trainer config. The network is unchanged (no hash grid): only where it is evaluated changes.
+- fast (GPU, default there): an occupancy grid (`model_components/occupancy_grid.py`, plain PyTorch) skips empty
+  space, a gradient-free density pass drops samples behind opaque surfaces, and the fine MLP alone is evaluated at
+  small fixed steps inside occupied cells; mixed precision and TF32 come from the trainer config. The network is
+  unchanged (no hash grid): only where it is evaluated changes.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class SplatExtNerfModelConfig(ModelConfig):
     background_color: Literal["auto", "white", "black"] = "auto"
     """'auto': the dataset's alpha colour (white for Blender data), else black."""
     fast_path: Literal["auto", "on", "off"] = "auto"
-    """Occupancy-grid sampling with the fine network alone. 'auto': on with CUDA (nerfacc's kernels), off on CPU."""
+    """Occupancy-grid sampling with the fine network alone. 'auto': on with CUDA, off on CPU ('on' works there too)."""
     grid_resolution: int = 128
     render_step_size: Optional[float] = None
     """Fast path: step between samples. None: the scene box diagonal / 1024."""
@@ -86,13 +87,9 @@ class SplatExtNerfModel(Model):
         aabb = self.scene_box.aabb
         self.render_step_size = cfg.render_step_size or float((aabb[1] - aabb[0]).norm()) / 1024.0
         if self.use_fast_path:
-            import nerfacc
-            from nerfstudio.model_components.ray_samplers import VolumetricSampler
+            from nerfstudio_splat_ext.model_components.occupancy_grid import OccupancyGrid
 
-            self.occupancy_grid = nerfacc.OccGridEstimator(
-                roi_aabb=aabb.flatten(), resolution=cfg.grid_resolution, levels=1
-            )
-            self.sampler_grid = VolumetricSampler(occupancy_grid=self.occupancy_grid, density_fn=self._density)
+            self.occupancy_grid = OccupancyGrid(aabb, resolution=cfg.grid_resolution)
             if torch.cuda.is_available():
                 torch.backends.cuda.matmul.allow_tf32 = True
                 torch.backends.cudnn.allow_tf32 = True
@@ -102,8 +99,6 @@ class SplatExtNerfModel(Model):
         self.psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.lpips_metric = LazyLPIPS()
 
-    def _density(self, positions: torch.Tensor, times=None) -> torch.Tensor:
-        return self.field_fine.density(positions)
 
     # ------------------------------------------------------------------ training
     def get_param_groups(self) -> Dict[str, List[Parameter]]:
@@ -117,11 +112,8 @@ class SplatExtNerfModel(Model):
             return []
 
         def update_grid(step: int) -> None:
-            self.occupancy_grid.update_every_n_steps(
-                step=step,
-                occ_eval_fn=lambda x: self.field_fine.density(x) * self.render_step_size,
-                n=self.config.grid_update_every,
-            )
+            if step % self.config.grid_update_every == 0:
+                self.occupancy_grid.update(step, lambda x: self.field_fine.density(x) * self.render_step_size)
 
         return [TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], update_grid)]
 
@@ -160,27 +152,35 @@ class SplatExtNerfModel(Model):
         return mlp(positions, directions)
 
     def _outputs_fast(self, ray_bundle: RayBundle) -> Dict[str, torch.Tensor]:
-        import nerfacc
+        from nerfstudio_splat_ext.model_components.occupancy_grid import accumulate, render_weights
 
-        num_rays = len(ray_bundle)
-        with torch.no_grad():
-            ray_samples, ray_indices = self.sampler_grid(
-                ray_bundle=ray_bundle,
-                near_plane=self.config.near_plane,
-                render_step_size=self.render_step_size,
-                alpha_thre=self.config.alpha_thre,
-                cone_angle=0.0,
-            )
-        sigma, rgb = self._query(self.field_fine, ray_samples)
-        packed_info = nerfacc.pack_info(ray_indices, num_rays)
-        weights = nerfacc.render_weight_from_density(
-            t_starts=ray_samples.frustums.starts[..., 0],
-            t_ends=ray_samples.frustums.ends[..., 0],
-            sigmas=sigma[..., 0],
-            packed_info=packed_info,
-        )[0][..., None]
-        rgb_out, acc, depth = self._render(rgb, weights, ray_samples, ray_indices=ray_indices, num_rays=num_rays)
-        return {"rgb": rgb_out, "accumulation": acc, "depth": depth, "num_samples_per_ray": packed_info[:, 1]}
+        origins = ray_bundle.origins.reshape(-1, 3)
+        directions = ray_bundle.directions.reshape(-1, 3)
+        samples = self.occupancy_grid.sample(
+            origins,
+            directions,
+            step_size=self.render_step_size,
+            near_plane=self.config.near_plane,
+            stratified=self.training,
+            sigma_fn=lambda x, d: self.field_fine.density(x),
+            alpha_threshold=self.config.alpha_thre,
+        )
+        t_mid = 0.5 * (samples.t_starts + samples.t_ends)
+        positions = origins[samples.ray_indices] + t_mid[:, None] * directions[samples.ray_indices]
+        sigma, rgb = self.field_fine(positions, directions[samples.ray_indices])
+        weights = render_weights(sigma.float(), samples)
+        rgb_out = accumulate(rgb.float(), weights, samples)
+        acc = accumulate(torch.ones_like(weights)[:, None], weights, samples)
+        depth = accumulate(t_mid[:, None], weights, samples) / acc.clamp(min=1e-10)
+        rgb_out = rgb_out + (1.0 - acc) * torch.as_tensor(self.renderer_rgb.background_color).to(rgb_out)
+        counts = torch.bincount(samples.ray_indices, minlength=samples.num_rays)
+        shape = ray_bundle.origins.shape[:-1]
+        return {
+            "rgb": rgb_out.reshape(*shape, 3),
+            "accumulation": acc.reshape(*shape, 1),
+            "depth": depth.reshape(*shape, 1),
+            "num_samples_per_ray": counts,
+        }
 
     # ------------------------------------------------------------ losses, eval
     def _gt(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:

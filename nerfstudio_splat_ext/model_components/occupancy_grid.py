@@ -1,0 +1,190 @@
+"""Empty-space skipping for splat-ext-nerf: an occupancy grid and packed ray marching, in plain PyTorch.
+
+Why our own: nerfacc 0.5.2 (the version nerfstudio 1.1.5 pins) JIT-compiles CUDA code that no longer builds with
+CUDA 13 (``cub::Equality`` was removed from CCCL), so its ``OccGridEstimator`` fails on current toolkits. This module
+needs no compiler and runs on any device, so the CPU tests cover the same sampling code as the GPU.
+
+The method is the occupancy grid of Instant-NGP / nerfacc with one level:
+  * the grid holds, per cell, an exponential moving maximum of the opacity ``sigma * step`` at random points in
+    the cell (``update``); a cell is occupied when that value exceeds ``min(threshold, mean)``;
+  * rays march from the box entry to the box exit in fixed steps (stratified offset in training); samples in
+    unoccupied cells are dropped (``sample``);
+  * optionally a gradient-free density pass drops the samples that cannot matter: transmittance below
+    ``early_stop_eps`` (behind opaque surfaces) or alpha below ``alpha_threshold``; the network is then evaluated
+    with gradients on the survivors only;
+  * samples are packed (``ray_indices`` sorted by ray, then by depth) and composited by :func:`render_weights`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class PackedSamples:
+    """Samples of a batch of rays, sorted by ray then by depth."""
+
+    ray_indices: Tensor  # [S] long
+    t_starts: Tensor  # [S]
+    t_ends: Tensor  # [S]
+    num_rays: int
+
+
+def ray_aabb(origins: Tensor, directions: Tensor, aabb: Tensor) -> tuple:
+    """Entry and exit distances of rays through the box ``aabb`` [2, 3] (exit < entry: the ray misses it)."""
+    inv = 1.0 / torch.where(directions.abs() < 1e-9, torch.full_like(directions, 1e-9), directions)
+    t0 = (aabb[0] - origins) * inv
+    t1 = (aabb[1] - origins) * inv
+    t_near = torch.minimum(t0, t1).amax(-1)
+    t_far = torch.maximum(t0, t1).amin(-1)
+    return t_near, t_far
+
+
+def transmittance(tau: Tensor, ray_indices: Tensor) -> Tensor:
+    """Transmittance before each packed sample, ``exp(-sum of tau over the earlier samples of its ray)``.
+
+    The per-ray exclusive sum is a global cumulative sum minus its value at each ray's first sample; it is taken in
+    float64 because the global sum over a batch is large and float32 would lose the per-ray differences."""
+    if tau.numel() == 0:
+        return tau
+    exclusive = torch.cumsum(tau.double(), 0) - tau.double()
+    first = torch.ones_like(ray_indices, dtype=torch.bool)
+    first[1:] = ray_indices[1:] != ray_indices[:-1]
+    start_of_ray = torch.cummax(torch.where(first, torch.arange(tau.numel(), device=tau.device), 0), 0).values
+    return torch.exp(-(exclusive - exclusive[start_of_ray])).to(tau.dtype)
+
+
+def render_weights(sigmas: Tensor, samples: PackedSamples) -> Tensor:
+    """Volume-rendering weights ``T_i (1 - exp(-sigma_i delta_i))`` of packed samples."""
+    tau = sigmas.reshape(-1) * (samples.t_ends - samples.t_starts)
+    return transmittance(tau, samples.ray_indices) * (1.0 - torch.exp(-tau))
+
+
+def accumulate(values: Tensor, weights: Tensor, samples: PackedSamples) -> Tensor:
+    """Per-ray sum of ``weights * values`` ([S, D] -> [num_rays, D])."""
+    out = torch.zeros(samples.num_rays, values.shape[-1], dtype=values.dtype, device=values.device)
+    return out.index_add(0, samples.ray_indices, weights[:, None].to(values.dtype) * values)
+
+
+class OccupancyGrid(nn.Module):
+    """A ``resolution^3`` occupancy grid over ``aabb`` ([2, 3]) with packed ray marching."""
+
+    def __init__(self, aabb: Tensor, resolution: int = 128, threshold: float = 0.01, ema_decay: float = 0.95,
+                 warmup_steps: int = 256) -> None:
+        super().__init__()
+        self.resolution = int(resolution)
+        self.threshold = float(threshold)
+        self.ema_decay = float(ema_decay)
+        self.warmup_steps = int(warmup_steps)
+        self.register_buffer("aabb", aabb.reshape(2, 3).float().clone())
+        cells = self.resolution**3
+        # Everything starts occupied: nothing is skipped before the first update has looked at the network.
+        self.register_buffer("opacity", torch.zeros(cells))
+        self.register_buffer("occupied", torch.ones(cells, dtype=torch.bool))
+
+    # ------------------------------------------------------------------ update
+    def _cell_centres(self, indices: Tensor, jitter: bool) -> Tensor:
+        r = self.resolution
+        ijk = torch.stack([indices // (r * r), (indices // r) % r, indices % r], -1).float()
+        offset = torch.rand_like(ijk) if jitter else torch.full_like(ijk, 0.5)
+        unit = (ijk + offset) / r
+        return self.aabb[0] + unit * (self.aabb[1] - self.aabb[0])
+
+    @torch.no_grad()
+    def update(self, step: int, opacity_fn: Callable[[Tensor], Tensor], chunk: int = 1 << 18) -> None:
+        """Refreshes the cells: all of them during warm-up, then a random quarter plus the occupied ones.
+        ``opacity_fn(points [N, 3]) -> [N]`` returns ``sigma * step_size``."""
+        cells = self.opacity.numel()
+        device = self.opacity.device
+        if step < self.warmup_steps:
+            indices = torch.arange(cells, device=device)
+        else:
+            random_cells = torch.randint(0, cells, (cells // 4,), device=device)
+            occupied = torch.nonzero(self.occupied).flatten()
+            if occupied.numel() > cells // 4:
+                occupied = occupied[torch.randint(0, occupied.numel(), (cells // 4,), device=device)]
+            indices = torch.cat([random_cells, occupied])
+        fresh = torch.empty(indices.numel(), device=device)
+        for start in range(0, indices.numel(), chunk):
+            points = self._cell_centres(indices[start:start + chunk], jitter=True)
+            fresh[start:start + chunk] = opacity_fn(points).reshape(-1).float()
+        decayed = self.opacity * self.ema_decay
+        decayed[indices] = torch.maximum(decayed[indices], fresh)
+        self.opacity.copy_(decayed)
+        cut = min(self.threshold, float(self.opacity.mean()))
+        self.occupied.copy_(self.opacity > cut)
+
+    def occupied_fraction(self) -> float:
+        return float(self.occupied.float().mean())
+
+    # ------------------------------------------------------------------ sampling
+    def _occupied_at(self, points: Tensor) -> Tensor:
+        r = self.resolution
+        unit = (points - self.aabb[0]) / (self.aabb[1] - self.aabb[0])
+        ijk = (unit * r).long().clamp(0, r - 1)
+        inside = ((unit >= 0) & (unit <= 1)).all(-1)
+        return inside & self.occupied[(ijk[..., 0] * r + ijk[..., 1]) * r + ijk[..., 2]]
+
+    @torch.no_grad()
+    def sample(
+        self,
+        origins: Tensor,
+        directions: Tensor,
+        step_size: float,
+        near_plane: float = 0.0,
+        stratified: bool = False,
+        sigma_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+        alpha_threshold: float = 0.0,
+        early_stop_eps: float = 1e-4,
+        chunk_samples: int = 1 << 22,
+    ) -> PackedSamples:
+        """March the rays through the occupied cells. ``sigma_fn(positions, directions) -> sigma`` (no gradient)
+        enables the transmittance / alpha culling."""
+        num_rays = origins.shape[0]
+        t_near, t_far = ray_aabb(origins, directions, self.aabb)
+        t_near = t_near.clamp(min=near_plane)
+        hits = t_far > t_near
+        device = origins.device
+        # Interval k of a ray spans t_near + (k + offset -+ 0.5) step, clipped to [t_near, t_far], so that a ray's
+        # intervals tile exactly its path inside the box; offset 0.5 (evaluation) or uniform (stratified training).
+        offset = torch.rand(num_rays, device=device) if stratified else torch.full((num_rays,), 0.5, device=device)
+        length = torch.where(hits, t_far - t_near, torch.zeros_like(t_near))
+        counts = torch.where(hits, torch.ceil(length / step_size - offset + 0.5), torch.zeros_like(t_near)).long()
+        max_steps = int(counts.max()) if num_rays else 0
+        ray_idx_list, start_list, end_list = [], [], []
+        if max_steps > 0:
+            # Rays in groups, so that the dense [rays, steps] candidate table stays within chunk_samples entries.
+            group = max(1, chunk_samples // max_steps)
+            k = torch.arange(max_steps, device=device, dtype=origins.dtype)
+            for start in range(0, num_rays, group):
+                sl = slice(start, start + group)
+                base = t_near[sl, None] + (k[None] + offset[sl, None]) * step_size  # [g, K]
+                lo = torch.maximum(base - 0.5 * step_size, t_near[sl, None])
+                hi = torch.minimum(base + 0.5 * step_size, t_far[sl, None])
+                mid = 0.5 * (lo + hi)
+                valid = (k[None] < counts[sl, None]) & (hi > lo)
+                keep = valid & self._occupied_at(origins[sl, None] + mid[..., None] * directions[sl, None])
+                rows, cols = torch.nonzero(keep, as_tuple=True)
+                ray_idx_list.append(rows + start)
+                start_list.append(lo[rows, cols])
+                end_list.append(hi[rows, cols])
+        if ray_idx_list:
+            ray_indices = torch.cat(ray_idx_list)
+            t_starts, t_ends = torch.cat(start_list), torch.cat(end_list)
+        else:
+            ray_indices = torch.zeros(0, dtype=torch.long, device=device)
+            t_starts = t_ends = torch.zeros(0, dtype=origins.dtype, device=device)
+        t_mid = 0.5 * (t_starts + t_ends)
+        samples = PackedSamples(ray_indices, t_starts, t_ends, num_rays)
+        if sigma_fn is None or ray_indices.numel() == 0:
+            return samples
+        positions = origins[ray_indices] + t_mid[:, None] * directions[ray_indices]
+        sigmas = sigma_fn(positions, directions[ray_indices]).reshape(-1).float()
+        tau = sigmas * (t_ends - t_starts)
+        alpha = 1.0 - torch.exp(-tau)
+        keep = (alpha > alpha_threshold) & (transmittance(tau, ray_indices) > early_stop_eps)
+        return PackedSamples(ray_indices[keep], samples.t_starts[keep], samples.t_ends[keep], num_rays)

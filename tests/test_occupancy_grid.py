@@ -1,0 +1,109 @@
+"""The occupancy grid of splat-ext-nerf's fast path (model_components/occupancy_grid.py) against direct computations."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from nerfstudio_splat_ext.model_components.occupancy_grid import (
+    OccupancyGrid,
+    PackedSamples,
+    accumulate,
+    ray_aabb,
+    render_weights,
+)
+
+BOX = torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]])
+
+
+def _random_rays(n: int, gen: torch.Generator):
+    origins = torch.nn.functional.normalize(torch.randn(n, 3, generator=gen), dim=-1) * 3.0
+    targets = (torch.rand(n, 3, generator=gen) * 2 - 1) * 0.8
+    return origins, torch.nn.functional.normalize(targets - origins, dim=-1)
+
+
+def test_packed_weights_match_per_ray_compositing():
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    counts = torch.randint(0, 40, (13,), generator=gen)
+    ray_indices = torch.repeat_interleave(torch.arange(13), counts)
+    t = torch.cat([torch.sort(torch.rand(int(c), generator=gen) * 4).values for c in counts])
+    delta = torch.rand(ray_indices.numel(), generator=gen) * 0.1
+    samples = PackedSamples(ray_indices, t, t + delta, 13)
+    sigmas = torch.rand(ray_indices.numel(), generator=gen) * 30
+    weights = render_weights(sigmas, samples)
+    colours = torch.rand(ray_indices.numel(), 3, generator=gen)
+    rendered = accumulate(colours, weights, samples)
+    for r in range(13):
+        sel = ray_indices == r
+        alpha = 1 - torch.exp(-sigmas[sel] * delta[sel])
+        trans = torch.cumprod(torch.cat([torch.ones(1), 1 - alpha[:-1]]), 0)
+        torch.testing.assert_close(weights[sel], trans * alpha, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(rendered[r], (trans * alpha) @ colours[sel], atol=1e-5, rtol=1e-5)
+
+
+def test_marching_covers_the_box_in_fixed_steps():
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    origins, dirs = _random_rays(50, gen)
+    grid = OccupancyGrid(BOX, resolution=8)  # everything occupied before any update
+    step = 0.01
+    samples = grid.sample(origins, dirs, step_size=step)
+    t_near, t_far = ray_aabb(origins, dirs, BOX)
+    counts = torch.bincount(samples.ray_indices, minlength=50)
+    expected = torch.ceil((t_far - t_near) / step)
+    assert ((counts - expected).abs() <= 1).all()
+    # sorted by ray, then by depth, and inside [entry, exit]
+    assert bool((samples.ray_indices[1:] >= samples.ray_indices[:-1]).all())
+    same = samples.ray_indices[1:] == samples.ray_indices[:-1]
+    assert bool((samples.t_starts[1:][same] > samples.t_starts[:-1][same]).all())
+    mid = 0.5 * (samples.t_starts + samples.t_ends)
+    assert bool((mid >= t_near[samples.ray_indices]).all() and (mid <= t_far[samples.ray_indices]).all())
+
+
+def test_update_marks_the_cells_of_a_ball_and_marching_skips_the_rest():
+    radius = 0.5
+    grid = OccupancyGrid(BOX, resolution=32, warmup_steps=10)
+
+    def opacity(points):  # a dense ball, empty space elsewhere
+        return (points.norm(dim=-1) < radius).float() * 5.0
+
+    grid.update(0, opacity)
+    # cells entirely inside the ball are occupied, cells entirely outside are free (boundary cells: either)
+    centres = grid._cell_centres(torch.arange(32**3), jitter=False)
+    half_diag = math.sqrt(3) * (2.0 / 32) / 2
+    inside = centres.norm(dim=-1) + half_diag < radius
+    outside = centres.norm(dim=-1) - half_diag > radius
+    assert bool(grid.occupied[inside].all()) and not bool(grid.occupied[outside].any())
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    origins, dirs = _random_rays(200, gen)
+    samples = grid.sample(origins, dirs, step_size=0.005, stratified=True)
+    mid = 0.5 * (samples.t_starts + samples.t_ends)
+    points = origins[samples.ray_indices] + mid[:, None] * dirs[samples.ray_indices]
+    assert bool((points.norm(dim=-1) < radius + 2 * math.sqrt(3) * 2.0 / 32).all())  # only near the ball
+    # every ray through the ball keeps samples inside it
+    through = torch.linalg.cross(origins, dirs).norm(dim=-1) < radius * 0.9
+    hit = torch.bincount(samples.ray_indices[points.norm(dim=-1) < radius], minlength=200) > 0
+    assert bool(hit[through].all())
+
+
+def test_transmittance_culling_keeps_the_rendering():
+    """Samples behind an opaque shell (transmittance < 1e-4) are dropped without changing the rendered colour."""
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    origins, dirs = _random_rays(100, gen)
+    grid = OccupancyGrid(BOX, resolution=16)
+
+    def sigma_fn(points, directions=None):
+        return torch.where(points.norm(dim=-1) < 0.6, torch.full_like(points[:, 0], 200.0), torch.full_like(points[:, 0], 0.05))
+
+    def colour(points):
+        return torch.sigmoid(points * 3)
+
+    def render(samples):
+        mid = 0.5 * (samples.t_starts + samples.t_ends)
+        pts = origins[samples.ray_indices] + mid[:, None] * dirs[samples.ray_indices]
+        return accumulate(colour(pts), render_weights(sigma_fn(pts), samples), samples)
+
+    full = grid.sample(origins, dirs, step_size=0.005)
+    culled = grid.sample(origins, dirs, step_size=0.005, sigma_fn=sigma_fn, alpha_threshold=1e-4)
+    assert culled.ray_indices.numel() < 0.8 * full.ray_indices.numel()
+    torch.testing.assert_close(render(culled), render(full), atol=2e-3, rtol=0)
