@@ -177,7 +177,8 @@ def evaluate(run: dict, side_by_side: dict) -> dict:
                 image = data["image"]
                 image = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
             gt = image[..., :3].to(model.device)
-            pred = model.get_outputs_for_camera(camera)["rgb"].clamp(0, 1)
+            outputs = model.get_outputs_for_camera(camera)
+            pred = outputs["rgb" if "rgb" in outputs else "rgb_fine"].clamp(0, 1)  # vanilla-nerf names it rgb_fine
             mse = torch.mean((pred - gt) ** 2).item()
             psnrs.append(-10 * math.log10(max(mse, 1e-12)))
             a, b = gt.permute(2, 0, 1)[None], pred.permute(2, 0, 1)[None]
