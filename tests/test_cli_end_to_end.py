@@ -109,3 +109,17 @@ def test_ns_viewer_shows_the_scene_in_a_browser(trained_run, tmp_path):
     assert max(seen["zoomed_frame"]) == 512
     # Zoomed out of the object: the scene covers part of the canvas, the empty viewport the rest.
     assert 0.005 < seen["foreground_fraction"] < 0.6, seen
+
+
+def test_contribution_strategy_trains_within_its_gaussian_budget(tiny_synth, tmp_path):
+    """kind=contribution end to end on CPU: the reference rasterizer's render, the contribution pass on dL/dC and the
+    budgeted refinement; the count never exceeds max_gaussians (the strategy raises if it did)."""
+    import torch
+
+    cap = 4000
+    _run([BIN / "ns-train", "splat-ext", "--data", tiny_synth, "--output-dir", tmp_path, "--experiment-name", "tiny",
+          "--timestamp", "run", "--vis", "tensorboard", "--max-num-iterations", STEPS, *TINY_FLAGS,
+          "--pipeline.model.strategy.kind", "contribution", "--pipeline.model.strategy.max-gaussians", cap])
+    ckpt = next((tmp_path / "tiny" / "splat-ext" / "run" / "nerfstudio_models").glob("step-*.ckpt"))
+    n = torch.load(ckpt, map_location="cpu", weights_only=False)["pipeline"]["_model.gauss_params.means"].shape[0]
+    assert 0 < n <= cap

@@ -26,7 +26,7 @@ from nerfstudio_splat_ext.losses.photometric import PhotometricLossConfig
 from nerfstudio_splat_ext.losses.ssim import ssim as ssim_fn
 from nerfstudio_splat_ext.model_components.background import resolve_background
 from nerfstudio_splat_ext.render.backend import RenderBackend, get_rasterizer
-from nerfstudio_splat_ext.strategy.adc import ADCStrategy
+from nerfstudio_splat_ext.strategy.contribution import ContributionStrategy
 from nerfstudio_splat_ext.utils.lpips import LazyLPIPS
 
 SH_C0 = 0.28209479177387814  # Y_0^0, maps RGB to the DC spherical-harmonic coefficient
@@ -101,8 +101,9 @@ class SplatExtModelConfig(SplatfactoModelConfig):
     """Tile size of the reference rasterizer on CPU. 16 reproduces gsplat's tile lists exactly; 1 (per-pixel
     bounding boxes) drops only faint tails outside each Gaussian's 3-sigma box and is much cheaper."""
     loss: PhotometricLossConfig = field(default_factory=PhotometricLossConfig)
-    strategy: ADCStrategy = field(default_factory=ADCStrategy)
-    """Adaptive density control (Kerbl et al. 2023, Algorithm 1) with its schedule and thresholds."""
+    strategy: ContributionStrategy = field(default_factory=ContributionStrategy)
+    """Density control: Kerbl et al. 2023's Algorithm 1 with its schedule and thresholds (kind 'adc'), optionally
+    with render-loss contribution pruning, contribution-weighted growth and a Gaussian budget (kind 'contribution')."""
     output_depth_during_training: bool = False
 
 
@@ -229,6 +230,10 @@ class SplatExtModel(SplatfactoModel):
     def step_post_backward(self, step: int) -> None:
         if not self.info or self.strategy_state is None:
             return
+        source = self.info.pop("_contribution_source", None)
+        if source is not None:
+            grad_colors = source.pop("rgb").grad
+            self.info["contribution"] = {**source, "grad_colors": grad_colors}
         stats = self.strategy.step_post_backward(self.gauss_params, self.optimizers, self.strategy_state, step, self.info)
         if stats and self.strategy.verbose:
             CONSOLE.log(f"step {step}: {stats}")
@@ -315,6 +320,8 @@ class SplatExtModel(SplatfactoModel):
 
         background = self._get_background_color()
         rgb = render[..., :3] + (1.0 - alpha) * background
+        if self.training and self.strategy.wants_contribution(self.step):
+            self._prepare_contribution(info, rgb, background, means, f_dc, f_rest, c2w)
         if not self.training:
             # Only displayed / evaluated images are clamped: clamping during training hides Gaussians brighter
             # than a white background from the loss (zero gradient), and they reappear as floaters in novel views.
@@ -326,6 +333,36 @@ class SplatExtModel(SplatfactoModel):
         if not self.training:
             background = background.expand(height, width, 3)
         return {"rgb": rgb.squeeze(0), "depth": depth, "accumulation": alpha.squeeze(0), "background": background}
+
+    @torch.no_grad()
+    def _prepare_contribution(self, info, rgb, background, means, f_dc, f_rest, c2w) -> None:
+        """Hands the contribution pass (strategy/contribution.py) what it needs once the loss has been
+        back-propagated: dL/dC of this render (kept by retain_grad), the composited colours (the SH evaluation the
+        rasterizer did internally, repeated here without gradient) and the background."""
+        from nerfstudio_splat_ext.render.reference import spherical_harmonics_reference
+
+        rgb.retain_grad()
+        coeffs = torch.cat([f_dc[:, None, :], f_rest], dim=1)
+        centres = c2w.to(means.device).float()[:, :3, 3]  # [C, 3]
+        dirs = means.detach()[None] - centres[:, None]
+        degree = self._sh_degree_to_use()
+        colors = spherical_harmonics_reference(degree, dirs, coeffs.detach()[None].expand(dirs.shape[0], -1, -1, -1))
+        colors = torch.clamp_min(colors + 0.5, 0.0)
+        info["_contribution_source"] = {
+            "rgb": rgb,
+            "means2d": info["means2d"].detach(),
+            "conics": info["conics"].detach(),
+            "opacities": info["opacities"].detach(),
+            "colors": colors,
+            "backgrounds": background.detach().reshape(1, 3).expand(colors.shape[0], 3),
+            "isect_offsets": info.get("isect_offsets"),
+            "flatten_ids": info.get("flatten_ids"),
+            "radii": info["radii"],
+            "depths": info["depths"].detach(),
+            "image_width": int(info["width"]),
+            "image_height": int(info["height"]),
+            "tile_size": int(info["tile_size"]),
+        }
 
     # ------------------------------------------------------------ losses, eval
     def get_gt_img(self, image: torch.Tensor) -> torch.Tensor:

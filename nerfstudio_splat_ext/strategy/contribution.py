@@ -1,0 +1,190 @@
+"""Density control by render-loss contribution (after DeG, Yan et al., "Generative 3D Gaussians with learned density
+control"), on top of the 3DGS schedule of :class:`ADCStrategy`.
+
+Every ``contribution_every`` steps during densification the model hands the strategy what it needs to run the
+contribution pass (``cuda/contribution.py``): the rasterizer's projected Gaussians and tile lists, the composited
+colours, the background and ``dL/dC``, the gradient of the loss with respect to the rendered image. For each Gaussian
+``j`` the pass returns ``delta_loss[j]``, the first-order change of the loss if ``j`` were removed; the strategy sums
+it per Gaussian together with the number of passes in which ``j`` covered a pixel. With ``score = sum / passes``:
+
+* prune: Gaussians measured in at least ``min_contribution_views`` passes whose removal lowers the loss by more than
+  ``prune_contribution_ratio`` times the mean absolute score of the measured Gaussians, besides the 3DGS opacity /
+  size rules. Not simply "score <= 0": the first-order change is proportional to the residual, so a Gaussian that
+  fits its pixels well scores about 0 whatever its importance (removing it would raise the loss only at second
+  order), and a zero threshold would delete about half of the well-fitted Gaussians at random;
+* grow: among the Gaussians above the positional-gradient threshold (as in 3DGS), parents are drawn without
+  replacement with probability proportional to their (positive) score until the budget is used; small parents are
+  cloned, large ones split into children sampled from the parent's 3D Gaussian (``ops.split``);
+* budget: the number of Gaussians never exceeds ``max_gaussians``; the allowance ramps linearly from the initial
+  count to the cap between ``refine_start_iter`` and ``budget_ramp_until``.
+
+With ``kind="adc"`` no contribution is computed and the class behaves exactly like :class:`ADCStrategy` (so one
+config field can select either from the command line: ``--pipeline.model.strategy.kind contribution``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Literal, Mapping, MutableMapping, Optional
+
+import torch
+
+from . import ops
+from .adc import ADCStrategy
+
+__all__ = ["ContributionStrategy"]
+
+_CONTRIBUTION_KEYS = ("contrib_sum", "contrib_views")
+
+
+@dataclass
+class ContributionStrategy(ADCStrategy):
+    """3DGS density control with contribution-based pruning and contribution-weighted growth (``kind``)."""
+
+    kind: Literal["adc", "contribution"] = "adc"
+    """'adc': Kerbl et al.'s gradient heuristics only; 'contribution': also use the render-loss contribution."""
+    contribution_every: int = 5
+    """Run the contribution pass every this many steps while densifying (its cost is about half a rasterization
+    forward + backward, so every 5th step keeps it at a few percent of training time)."""
+    prune_contribution_ratio: float = 1.0
+    """Prune when removing the Gaussian lowers the loss (first order, mean per pass) by more than this times the
+    mean absolute score of the measured Gaussians (a scale-free threshold: scores are in loss units)."""
+    min_contribution_views: int = 3
+    """Only Gaussians measured in at least this many contribution passes since the last refinement are pruned by
+    contribution."""
+    budget_ramp_until: Optional[int] = None
+    """Step at which the allowance reaches ``max_gaussians``. None: half of ``refine_stop_iter``."""
+
+    # ------------------------------------------------------------------ state
+    def initialize_state(self, scene_extent: float = 1.0, *, scene_scale: Optional[float] = None,
+                         white_background: bool = False) -> Dict[str, Any]:
+        state = super().initialize_state(scene_extent, scene_scale=scene_scale, white_background=white_background)
+        state.update({"contrib_sum": None, "contrib_views": None, "n_initial": None})
+        return state
+
+    def wants_contribution(self, step: int) -> bool:
+        """Whether the model should prepare the contribution pass for this step (retain dL/dC, composited colours)."""
+        return (
+            self.kind == "contribution"
+            and step < self.refine_stop_iter
+            and step % self.contribution_every == 0
+        )
+
+    def budget_at(self, step: int, n_initial: int) -> Optional[int]:
+        """How many Gaussians may exist after refining at ``step`` (None: no cap)."""
+        if self.max_gaussians is None:
+            return None
+        cap = int(self.max_gaussians)
+        if self.kind != "contribution":
+            return cap
+        ramp_end = self.budget_ramp_until if self.budget_ramp_until is not None else self.refine_stop_iter // 2
+        span = max(ramp_end - self.refine_start_iter, 1)
+        progress = min(max((step - self.refine_start_iter) / span, 0.0), 1.0)
+        start = min(n_initial, cap)
+        return int(start + (cap - start) * progress)
+
+    # ------------------------------------------------------------------ hooks
+    def step_post_backward(self, params: MutableMapping[str, torch.nn.Parameter],
+                           optimizers: Mapping[str, torch.optim.Optimizer], state: Dict[str, Any], step: int,
+                           info: Dict[str, Any], packed: bool = False) -> Dict[str, int]:
+        if state.get("n_initial") is None:
+            state["n_initial"] = ops.num_gaussians(params)
+        if self.kind == "contribution" and step < self.refine_stop_iter and "contribution" in info:
+            self._accumulate_contribution(params, state, info["contribution"])
+        return super().step_post_backward(params, optimizers, state, step, info, packed)
+
+    @torch.no_grad()
+    def _accumulate_contribution(self, params, state, inputs: Dict[str, Any]) -> None:
+        """``inputs``: the keyword arguments of ``render_loss_contribution`` except the tile lists, which may be
+        missing (the CPU reference rasterizer does not build them) and are then built here."""
+        from nerfstudio_splat_ext.cuda.contribution import isect_lists_reference, render_loss_contribution
+
+        inputs = dict(inputs)
+        grad = inputs["grad_colors"]
+        if grad is None:
+            return  # the rendered image got no gradient this step
+        if inputs.get("isect_offsets") is None:
+            tile = int(inputs["tile_size"])
+            inputs["isect_offsets"], inputs["flatten_ids"] = isect_lists_reference(
+                inputs["means2d"], inputs.pop("radii"), inputs.pop("depths"), tile,
+                -(-int(inputs["image_width"]) // tile), -(-int(inputs["image_height"]) // tile))
+        else:
+            inputs.pop("radii", None)
+            inputs.pop("depths", None)
+        delta, pixels, _ = render_loss_contribution(**inputs)
+        n = ops.num_gaussians(params)
+        for key in _CONTRIBUTION_KEYS:
+            if state.get(key) is None or state[key].shape[0] != n:
+                state[key] = torch.zeros(n, device=delta.device, dtype=torch.float32)
+        state["contrib_sum"] += delta.float()
+        state["contrib_views"] += (pixels > 0).float()
+
+    def _scores(self, state) -> Optional[torch.Tensor]:
+        if state.get("contrib_sum") is None:
+            return None
+        return state["contrib_sum"] / state["contrib_views"].clamp_min(1.0)
+
+    # ------------------------------------------------------------------ refine
+    def _grow(self, params, optimizers, state):
+        if self.kind != "contribution":
+            return super()._grow(params, optimizers, state)
+        extent = state["scene_extent"]
+        avg_grad = state["grad2d"] / state["count"].clamp_min(1.0)
+        threshold = self.absgrad_threshold if self.absgrad else self.grad_threshold
+        candidates = torch.nonzero(avg_grad > threshold, as_tuple=True)[0]
+        n = ops.num_gaussians(params)
+        budget = self.budget_at(state.get("_step", self.refine_start_iter), state.get("n_initial") or n)
+        room = candidates.numel() * self.n_split if budget is None else max(budget - n, 0)
+        if candidates.numel() == 0 or room == 0:
+            return 0, 0
+        # A split adds n_split - 1 Gaussians, a clone one; count every parent as the dearer of the two.
+        n_parents = min(candidates.numel(), room // max(self.n_split - 1, 1))
+        if n_parents <= 0:
+            return 0, 0
+        scores = self._scores(state)
+        if n_parents < candidates.numel():
+            if scores is None:
+                weights = avg_grad[candidates]
+            else:
+                positive = scores[candidates].clamp_min(0.0)
+                # unmeasured or non-positive parents keep a small chance, so growth never stalls
+                weights = positive + 1e-3 * positive.mean().clamp_min(1e-12)
+            chosen = candidates[torch.multinomial(weights, n_parents, replacement=False)]
+        else:
+            chosen = candidates
+        selected = torch.zeros(n, dtype=torch.bool, device=avg_grad.device)
+        selected[chosen] = True
+        small = torch.exp(params["scales"].detach()).amax(dim=-1) <= self.dense_percent * extent
+        n_cloned = ops.duplicate(params, optimizers, state, selected & small)
+        is_split = torch.cat([selected & ~small, selected.new_zeros(ops.num_gaussians(params) - n)])
+        n_split = int(is_split.sum().item())
+        ops.split(params, optimizers, state, is_split, n_split=self.n_split, scale_divisor=self.scale_divisor)
+        return n_cloned, n_split
+
+    def _prune(self, params, optimizers, state, step) -> int:
+        removed = super()._prune(params, optimizers, state, step)
+        scores = self._scores(state)
+        if self.kind != "contribution" or scores is None or scores.shape[0] != ops.num_gaussians(params):
+            return removed
+        measured = state["contrib_views"] >= self.min_contribution_views
+        if not bool(measured.any()):
+            return removed
+        scale = scores[measured].abs().mean()
+        useless = measured & (scores < -self.prune_contribution_ratio * scale)
+        return removed + ops.remove(params, optimizers, state, useless)
+
+    def _refine(self, params, optimizers, state, step):
+        state["_step"] = step  # the budget schedule needs the step inside _grow
+        stats = super()._refine(params, optimizers, state, step)
+        if self.max_gaussians is not None and ops.num_gaussians(params) > int(self.max_gaussians):
+            raise RuntimeError("density control exceeded max_gaussians")  # cannot happen: growth is budgeted
+        return stats
+
+    @staticmethod
+    def _reset_accumulators(params, state) -> None:
+        ADCStrategy._reset_accumulators(params, state)
+        n = ops.num_gaussians(params)
+        device = params["means"].device
+        for key in _CONTRIBUTION_KEYS:
+            if state.get(key) is not None:
+                state[key] = torch.zeros(n, device=device, dtype=torch.float32)

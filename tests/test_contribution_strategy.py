@@ -1,0 +1,115 @@
+"""ContributionStrategy: identical to ADC with kind='adc'; with kind='contribution' it prunes by render-loss
+contribution (reference rasterizer and reference contribution pass on CPU) and respects its Gaussian budget."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from test_strategy import _tagged_scene, _toy_step, check_layout, make_gaussians
+
+from nerfstudio_splat_ext.render.reference import rasterization_reference
+from nerfstudio_splat_ext.strategy import ADCStrategy, ContributionStrategy
+
+SCHEDULE = dict(refine_start_iter=5, refine_stop_iter=50, refine_every=5, reset_every=30)
+
+
+def test_kind_adc_is_exactly_adc():
+    runs = []
+    for strategy in (ADCStrategy(**SCHEDULE), ContributionStrategy(kind="adc", **SCHEDULE)):
+        torch.manual_seed(0)  # split samples children positions
+        params, optimizers = _tagged_scene()
+        state = strategy.initialize_state(scene_extent=1.0)
+        history = [_toy_step(strategy, params, optimizers, state, step) for step in range(60)]
+        runs.append((history, {k: v.detach().clone() for k, v in params.items()}))
+    assert runs[0][0] == runs[1][0]
+    for name, value in runs[0][1].items():
+        torch.testing.assert_close(runs[1][1][name], value)
+
+
+def test_budget_ramps_to_the_cap_and_is_never_exceeded():
+    cap = 60
+    s = ContributionStrategy(kind="contribution", max_gaussians=cap, refine_start_iter=2, refine_stop_iter=200,
+                             refine_every=2, reset_every=1000, budget_ramp_until=30)
+    params, optimizers = _tagged_scene(n_hot_small=6, n_hot_big=6, n_dead=0, n_plain=10)
+    n0 = params["means"].shape[0]
+    state = s.initialize_state(1.0)
+    counts = []
+    for step in range(60):
+        _toy_step(s, params, optimizers, state, step)
+        n = check_layout(params, optimizers, state)
+        assert n <= cap and n <= s.budget_at(step, n0)
+        counts.append(n)
+    assert counts[10] < cap  # still ramping at step 10
+    assert counts[-1] == cap  # reaches the cap once the ramp is over
+    assert s.budget_at(0, n0) == n0 and s.budget_at(30, n0) == cap
+
+
+def _camera(width: int, height: int):
+    viewmat = torch.eye(4)
+    viewmat[2, 3] = 4.0  # camera 4 units in front of the plane z = 0, looking along +z
+    f = 1.2 * width
+    K = torch.tensor([[f, 0.0, width / 2], [0.0, f, height / 2], [0.0, 0.0, 1.0]])
+    return viewmat[None], K[None]
+
+
+def _render(means, scales, opacities, colors, width=48, height=48):
+    viewmats, Ks = _camera(width, height)
+    quats = torch.zeros(means.shape[0], 4)
+    quats[:, 0] = 1.0
+    return rasterization_reference(means=means, quats=quats, scales=scales, opacities=opacities, colors=colors,
+                                   viewmats=viewmats, Ks=Ks, width=width, height=height, tile_size=16,
+                                   packed=False, near_plane=0.01, far_plane=100.0)
+
+
+def test_contribution_pass_prunes_the_gaussians_that_hurt():
+    """Good Gaussians tile a plane and make the target; junk Gaussians in front of them have wrong colours. After a
+    few contribution passes the refinement removes (nearly) all junk and keeps (nearly) all good ones."""
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    grid = torch.linspace(-0.9, 0.9, 10)
+    xy = torch.stack(torch.meshgrid(grid, grid, indexing="ij"), -1).reshape(-1, 2)
+    n_good, n_junk = xy.shape[0], 30
+    good_means = torch.cat([xy, torch.zeros(n_good, 1)], -1)
+    junk_means = torch.cat([(torch.rand(n_junk, 2, generator=gen) * 2 - 1) * 0.8, -torch.rand(n_junk, 1, generator=gen) - 0.2], -1)
+    good_colors = torch.rand(n_good, 3, generator=gen)
+    junk_colors = torch.rand(n_junk, 3, generator=gen)
+    means = torch.cat([good_means, junk_means])
+    log_scales = torch.log(torch.cat([torch.full((n_good, 3), 0.12), torch.full((n_junk, 3), 0.08)]))
+    opacity_logits = torch.logit(torch.cat([torch.full((n_good,), 0.9), torch.full((n_junk,), 0.5)]))
+    colors = torch.cat([good_colors, junk_colors])
+    with torch.no_grad():
+        target, _, _ = _render(good_means, torch.exp(log_scales[:n_good]), torch.sigmoid(opacity_logits[:n_good]), good_colors)
+
+    params, optimizers = make_gaussians(n=n_good + n_junk, warm_steps=0)
+    with torch.no_grad():
+        params["features_dc"].copy_(colors)  # carried through pruning, so the survivors can be re-rendered
+        params["means"].copy_(means)
+        params["scales"].copy_(log_scales)
+        params["opacities"].copy_(opacity_logits[:, None])
+    strategy = ContributionStrategy(kind="contribution", refine_start_iter=0, refine_every=3, refine_stop_iter=100,
+                                    reset_every=1000, grad_threshold=1e9, min_contribution_views=2)
+    state = strategy.initialize_state(scene_extent=10.0)
+    for step in (1, 2, 3):
+        rgb, _, info = _render(params["means"], torch.exp(params["scales"]), torch.sigmoid(params["opacities"]).squeeze(-1), colors)
+        rgb.retain_grad()
+        strategy.step_pre_backward(params, optimizers, state, step, info)
+        ((rgb - target) ** 2).mean().backward()
+        info["contribution"] = {
+            "means2d": info["means2d"].detach(), "conics": info["conics"].detach(),
+            "opacities": info["opacities"].detach(), "colors": colors[None], "backgrounds": None,
+            "grad_colors": rgb.grad, "isect_offsets": None, "flatten_ids": None, "radii": info["radii"],
+            "depths": info["depths"].detach(), "image_width": 48, "image_height": 48, "tile_size": 16,
+        }
+        stats = strategy.step_post_backward(params, optimizers, state, step, info)
+    assert stats and stats["n_pruned"] > 0
+    survivors = params["features_dc"].shape[0]
+    # survivors keep their order: the good ones come first
+    kept = params["means"].detach()
+    kept_good = int((kept[:, 2] == 0).sum())
+    kept_junk = survivors - kept_good
+    # Over 20 seeds: 88-100 of the 100 good ones kept, most junk removed. (The loss right after the cut is not
+    # always lower: several Gaussians removed at once from first-order estimates of one view interact; training
+    # re-fits the survivors afterwards.)
+    assert kept_good >= 0.85 * n_good, (kept_good, n_good)
+    assert kept_junk <= 0.4 * n_junk, (kept_junk, n_junk)
+    assert math.isfinite(float(state["contrib_sum"].sum()))
