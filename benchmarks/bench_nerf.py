@@ -17,12 +17,11 @@ import argparse
 import json
 import shlex
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_splat import evaluate, evaluate_in_child, train  # noqa: E402
+from bench_splat import evaluate, evaluate_in_child, train, train_methods, write_results  # noqa: E402
 
 METHODS: Dict[str, List[str]] = {
     "splat-ext-nerf": ["splat-ext-nerf"],
@@ -84,20 +83,16 @@ def main() -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     runs_file = args.out_dir / "runs.json"
     runs = json.loads(runs_file.read_text()) if runs_file.exists() else {}
-    def train_one(index_method):
-        index, method = index_method
+    def train_one(method: str, gpu) -> dict:
         # splat-ext's schedule is 30k steps (it may finish inside the budget); the NeRFs run until the budget.
         steps = min(args.max_steps, 30_000) if method == "splat-ext" else args.max_steps
         run = train(method, args.data, steps, args.out_dir, per_method[method], method_args=METHODS[method],
-                    time_budget_s=args.budget_s, gpu=None if args.gpus is None else args.gpus[index])
+                    time_budget_s=args.budget_s, gpu=gpu)
         print(f"[bench] {method}: {run['steps']} steps in {run['train_loop_s']:.0f} s", flush=True)
-        return method, run
+        return run
 
     if not args.skip_train:
-        with ThreadPoolExecutor(max_workers=1 if args.gpus is None else len(args.methods)) as pool:
-            for method, run in pool.map(train_one, enumerate(args.methods)):
-                runs[method] = run
-                runs_file.write_text(json.dumps(runs, indent=2))
+        train_methods(args.methods, args.gpus, train_one, runs, runs_file)
     if args.skip_eval:
         return
     evaluated = [m for m in METHODS if m in runs]
@@ -117,10 +112,7 @@ def main() -> None:
         result["rays_per_s"] = runs[method]["steps"] * rays_per_step(Path(runs[method]["config"])) / max(
             runs[method]["train_loop_s"] or 1e-9, 1e-9)
         results.append(result)
-    (args.out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    table = markdown(results)
-    (args.out_dir / "results.md").write_text(table + "\n")
-    print(table, flush=True)
+    write_results(results, markdown(results), args.out_dir)
 
 
 if __name__ == "__main__":

@@ -205,6 +205,27 @@ def evaluate(run: dict, side_by_side: dict) -> dict:
     }
 
 
+def train_methods(methods: List[str], gpus: Optional[List[int]], train_one, runs: dict, runs_file: Path) -> None:
+    """``train_one(method, gpu) -> run`` for every method: one after the other, or at the same time with method i
+    alone on GPU ``gpus[i]``; runs.json is rewritten as each run finishes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def job(index_method):
+        index, method = index_method
+        return method, train_one(method, None if gpus is None else gpus[index])
+
+    with ThreadPoolExecutor(max_workers=1 if gpus is None else len(methods)) as pool:
+        for method, run in pool.map(job, enumerate(methods)):
+            runs[method] = run
+            runs_file.write_text(json.dumps(runs, indent=2))
+
+
+def write_results(results: List[dict], table: str, out_dir: Path) -> None:
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    (out_dir / "results.md").write_text(table + "\n")
+    print(table, flush=True)
+
+
 def evaluate_in_child(run: dict, gpu: int, result_path: Path) -> subprocess.Popen:
     """Starts evaluate(run) in a child process on one GPU; it writes the result dict to result_path."""
     code = (
@@ -265,29 +286,20 @@ def main() -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     runs_file = args.out_dir / "runs.json"
     runs = json.loads(runs_file.read_text()) if runs_file.exists() else {}
-    def train_one(index_method):
-        index, method = index_method
+    def train_one(method: str, gpu: Optional[int]) -> dict:
         ours = shlex.split(args.ours) if method == "splat-ext" else []
         run = train(method, args.data, args.steps, args.out_dir, [*ours, *args.extra],
-                    dataparser=shlex.split(args.dataparser), gpu=None if args.gpus is None else args.gpus[index])
+                    dataparser=shlex.split(args.dataparser), gpu=gpu)
         print(f"[bench] {method}: trained in {run['train_wall_s']:.0f} s", flush=True)
-        return method, run
+        return run
 
     if not args.skip_train:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=1 if args.gpus is None else len(args.methods)) as pool:
-            for method, run in pool.map(train_one, enumerate(args.methods)):
-                runs[method] = run
-                runs_file.write_text(json.dumps(runs, indent=2))
+        train_methods(args.methods, args.gpus, train_one, runs, runs_file)
     if args.skip_eval:
         return
     side_by_side: dict = {}
     results = [evaluate(runs[m], side_by_side) for m in METHODS if m in runs]
-    (args.out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    table = markdown(results)
-    (args.out_dir / "results.md").write_text(table + "\n")
-    print(table, flush=True)
+    write_results(results, markdown(results), args.out_dir)
     if args.image is not None:
         write_side_by_side(side_by_side, ["splat-ext", "splatfacto-tuned", "splatfacto", "ground truth"], args.image)
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import pytest
@@ -296,44 +294,17 @@ def test_first_order_ranks_like_exact_leave_one_out():
 # --------------------------------------------------------------------------- #
 # CUDA
 # --------------------------------------------------------------------------- #
-def _cuda_toolkit_root() -> Optional[str]:
-    from torch.utils import cpp_extension
-
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cpp_extension.CUDA_HOME]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        # nvcc may be a wrapper script (e.g. /usr/local/bin/nvcc); torch then guesses /usr/local
-        candidates.append(str(Path(os.path.realpath(nvcc)).parents[1]))
-    candidates.append("/usr/local/cuda")
-    for c in candidates:
-        if c and (Path(c) / "include" / "cuda_runtime.h").is_file() and (Path(c) / "bin" / "nvcc").is_file():
-            return c
-    return None
-
-
 def test_cuda_source_compiles(tmp_path, monkeypatch):
     """Builds csrc/contribution.{cpp,cu} with torch's JIT loader (no GPU needed; ~1 min on 2 cores)."""
     if torch.version.cuda is None:
         pytest.skip("torch is a CPU-only build: cannot compile CUDA extensions")
-    root = _cuda_toolkit_root()
-    if root is None:
+    from nerfstudio_splat_ext.cuda.jit import build_extension, cuda_toolkit_root
+
+    if cuda_toolkit_root() is None:
         pytest.skip("no CUDA toolkit (nvcc + headers) found")
-    from torch.utils import cpp_extension
-
-    from nerfstudio_splat_ext.cuda.jit import CSRC_DIR
-
-    monkeypatch.setattr(cpp_extension, "CUDA_HOME", root)
-    monkeypatch.setenv("CUDA_HOME", root)
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
-    module = cpp_extension.load(
-        name="contribution_compile_test",
-        sources=[str(CSRC_DIR / "contribution.cpp"), str(CSRC_DIR / "contribution.cu")],
-        extra_cflags=["-O3"],
-        extra_cuda_cflags=["-O3", "--use_fast_math"],
-        build_directory=str(tmp_path),
-        verbose=False,
-    )
+    module = build_extension("contribution_compile_test", ["contribution.cpp", "contribution.cu"], build_directory=tmp_path)
     assert hasattr(module, "render_loss_contribution")
 
 

@@ -4,15 +4,13 @@ the CUDA build, and, where a GPU exists, the kernels against the reference on fr
 from __future__ import annotations
 
 import importlib
-import os
-from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from nerfstudio_splat_ext.cuda.jit import CSRC_DIR
+from nerfstudio_splat_ext.cuda.jit import build_extension, cuda_toolkit_root
 from nerfstudio_splat_ext.losses import fused_ssim
 from nerfstudio_splat_ext.losses.photometric import PhotometricLossConfig
 from nerfstudio_splat_ext.losses.ssim import SSIM_C1, SSIM_C2, _blur, _gaussian_taps, ssim, ssim_map
@@ -142,37 +140,16 @@ def test_photometric_loss_paths_agree_on_cpu():
 
 
 # ---------------------------------------------------------------------------------------------- CUDA build
-def _cuda_home() -> Optional[str]:
-    """A CUDA toolkit with nvcc and headers: $CUDA_HOME, torch's guess, or /usr/local/cuda (torch guesses
-    /usr/local when nvcc is only a wrapper script in /usr/local/bin)."""
-    from torch.utils import cpp_extension
-
-    for home in (os.environ.get("CUDA_HOME"), cpp_extension.CUDA_HOME, "/usr/local/cuda"):
-        if home and (Path(home) / "bin" / "nvcc").exists() and (Path(home) / "include" / "cuda_runtime.h").exists():
-            return home
-    return None
-
-
 @pytest.mark.slow
 def test_fused_ssim_extension_compiles(tmp_path, monkeypatch):
     """Builds the extension from source (sm_90 only, ~10 s on 2 cores); runs without a GPU, so compile errors
     show up in the CPU suite rather than on the GPU host."""
-    from torch.utils import cpp_extension
-
     if torch.version.cuda is None:
         pytest.skip("torch is a CPU-only build: it cannot build CUDA extensions")
-    home = _cuda_home()
-    if home is None:
+    if cuda_toolkit_root() is None:
         pytest.skip("no CUDA toolkit (nvcc and cuda_runtime.h) found: set CUDA_HOME to build the fused SSIM kernels")
-    monkeypatch.setattr(cpp_extension, "CUDA_HOME", home)
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
-    module = cpp_extension.load(
-        name="splat_ext_fused_ssim_compile_check",
-        sources=[str(CSRC_DIR / s) for s in fused_mod.EXTENSION_SOURCES],
-        extra_cflags=["-O3"],
-        extra_cuda_cflags=["-O3", "--use_fast_math"],
-        build_directory=str(tmp_path),
-    )
+    module = build_extension("splat_ext_fused_ssim_compile_check", fused_mod.EXTENSION_SOURCES, build_directory=tmp_path)
     assert callable(module.forward) and callable(module.backward)
 
 

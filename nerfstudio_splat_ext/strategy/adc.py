@@ -322,7 +322,7 @@ class ADCStrategy:
         n_before = ops.num_gaussians(params)
         n_cloned = n_split = 0
         if state.get("grad2d") is not None:
-            n_cloned, n_split = self._grow(params, optimizers, state)
+            n_cloned, n_split = self._grow(params, optimizers, state, step)
         n_pruned = self._prune(params, optimizers, state, step)
         n_total = ops.num_gaussians(params)
         self._reset_accumulators(params, state)
@@ -338,7 +338,7 @@ class ADCStrategy:
             "n_total": n_total,
         }
 
-    def _grow(self, params, optimizers, state):
+    def _grow(self, params, optimizers, state, step):
         extent = state["scene_extent"]
         avg_grad = state["grad2d"] / state["count"].clamp_min(1.0)
         threshold = self.absgrad_threshold if self.absgrad else self.grad_threshold

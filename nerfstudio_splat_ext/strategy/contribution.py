@@ -125,15 +125,15 @@ class ContributionStrategy(ADCStrategy):
         return state["contrib_sum"] / state["contrib_views"].clamp_min(1.0)
 
     # ------------------------------------------------------------------ refine
-    def _grow(self, params, optimizers, state):
+    def _grow(self, params, optimizers, state, step):
         if self.kind != "contribution":
-            return super()._grow(params, optimizers, state)
+            return super()._grow(params, optimizers, state, step)
         extent = state["scene_extent"]
         avg_grad = state["grad2d"] / state["count"].clamp_min(1.0)
         threshold = self.absgrad_threshold if self.absgrad else self.grad_threshold
         candidates = torch.nonzero(avg_grad > threshold, as_tuple=True)[0]
         n = ops.num_gaussians(params)
-        budget = self.budget_at(state.get("_step", self.refine_start_iter), state.get("n_initial") or n)
+        budget = self.budget_at(step, state.get("n_initial") or n)
         room = candidates.numel() * self.n_split if budget is None else max(budget - n, 0)
         if candidates.numel() == 0 or room == 0:
             return 0, 0
@@ -174,7 +174,6 @@ class ContributionStrategy(ADCStrategy):
         return removed + ops.remove(params, optimizers, state, useless)
 
     def _refine(self, params, optimizers, state, step):
-        state["_step"] = step  # the budget schedule needs the step inside _grow
         stats = super()._refine(params, optimizers, state, step)
         if self.max_gaussians is not None and ops.num_gaussians(params) > int(self.max_gaussians):
             raise RuntimeError("density control exceeded max_gaussians")  # cannot happen: growth is budgeted
