@@ -30,8 +30,12 @@ SPLATFACTO_TUNED = [
     "--pipeline.model.random-scale", "2.6",
     "--pipeline.model.cull-alpha-thresh", "0.005",
 ]
+# splat-ext with the render-loss contribution strategy, capped at 170k Gaussians (60% of what the adc strategy
+# grows on lego).
+CONTRIBUTION = ["--pipeline.model.strategy.kind", "contribution", "--pipeline.model.strategy.max-gaussians", "170000"]
 METHODS: Dict[str, List[str]] = {
     "splat-ext": ["splat-ext"],
+    "splat-ext-contribution": ["splat-ext", *CONTRIBUTION],
     "splatfacto": ["splatfacto"],
     "splatfacto-tuned": ["splatfacto", *SPLATFACTO_TUNED],
 }
@@ -256,7 +260,8 @@ def write_side_by_side(images: dict, order: List[str], path: Path, size: int = 2
 def markdown(results: List[dict]) -> str:
     rows = ["| method | test PSNR (std) | SSIM | LPIPS | train wall time | Gaussians | peak GPU memory |", "|---|---|---|---|---|---|---|"]
     for r in results:
-        lp = f"{r['lpips']:.4f}" if r.get("lpips") is not None else "n/a (weights offline)"
+        lpips = r.get("lpips")
+        lp = f"{lpips:.4f}" if lpips is not None and lpips == lpips else "n/a (weights offline)"  # None or NaN
         rows.append(
             f"| {r['method']} | {r['psnr']:.2f} ({r['psnr_std']:.2f}) | {r['ssim']:.4f} | {lp} | {r['train_wall_s']:.0f} s | "
             f"{r['num_gaussians']:,} | {r['peak_gpu_mem_bytes'] / 2**30:.2f} GiB |"

@@ -57,6 +57,9 @@ class SplatExtNerfModelConfig(ModelConfig):
     alpha_thre: float = 1e-4
     """Fast path: samples whose alpha is below this are skipped."""
     grid_update_every: int = 16
+    compile_mlp: bool = False
+    """Fast path on CUDA: torch.compile the network's forward (fuses the encoding and activations around the
+    matmuls). The parameters stay those of the plain module, so checkpoints do not depend on this switch."""
 
 
 class SplatExtNerfModel(Model):
@@ -94,6 +97,13 @@ class SplatExtNerfModel(Model):
                 torch.backends.cuda.matmul.allow_tf32 = True
                 torch.backends.cudnn.allow_tf32 = True
 
+        # Bound methods of the fine network, compiled or not; not modules, so they add nothing to the state dict.
+        self._fine_forward, self._fine_density = self.field_fine.forward, self.field_fine.density
+        if self.use_fast_path and cfg.compile_mlp and torch.cuda.is_available():
+            # dynamic: the number of packed samples changes every step.
+            self._fine_forward = torch.compile(self.field_fine.forward, dynamic=True)
+            self._fine_density = torch.compile(self.field_fine.density, dynamic=True)
+
         from torchmetrics.image import PeakSignalNoiseRatio
 
         self.psnr = PeakSignalNoiseRatio(data_range=1.0)
@@ -113,7 +123,7 @@ class SplatExtNerfModel(Model):
 
         def update_grid(step: int) -> None:
             if step % self.config.grid_update_every == 0:
-                self.occupancy_grid.update(step, lambda x: self.field_fine.density(x) * self.render_step_size)
+                self.occupancy_grid.update(step, lambda x: self._fine_density(x) * self.render_step_size)
 
         return [TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], update_grid)]
 
@@ -162,12 +172,12 @@ class SplatExtNerfModel(Model):
             step_size=self.render_step_size,
             near_plane=self.config.near_plane,
             stratified=self.training,
-            sigma_fn=lambda x, d: self.field_fine.density(x),
+            sigma_fn=lambda x, d: self._fine_density(x),
             alpha_threshold=self.config.alpha_thre,
         )
         t_mid = 0.5 * (samples.t_starts + samples.t_ends)
         positions = origins[samples.ray_indices] + t_mid[:, None] * directions[samples.ray_indices]
-        sigma, rgb = self.field_fine(positions, directions[samples.ray_indices])
+        sigma, rgb = self._fine_forward(positions, directions[samples.ray_indices])
         weights = render_weights(sigma.float(), samples)
         rgb_out = accumulate(rgb.float(), weights, samples)
         acc = accumulate(torch.ones_like(weights)[:, None], weights, samples)
