@@ -97,18 +97,26 @@ class SplatExtNerfModel(Model):
                 torch.backends.cuda.matmul.allow_tf32 = True
                 torch.backends.cudnn.allow_tf32 = True
 
-        # Bound methods of the fine network, compiled or not; not modules, so they add nothing to the state dict.
-        self._fine_forward, self._fine_density = self.field_fine.forward, self.field_fine.density
+        # Compiled entry points of the fine network (functions, not modules: they add nothing to the state dict).
+        self._compiled_fine = None
         if self.use_fast_path and cfg.compile_mlp and torch.cuda.is_available():
             # dynamic: the number of packed samples changes every step.
-            self._fine_forward = torch.compile(self.field_fine.forward, dynamic=True)
-            self._fine_density = torch.compile(self.field_fine.density, dynamic=True)
+            self._compiled_fine = (
+                torch.compile(self.field_fine.forward, dynamic=True),
+                torch.compile(self.field_fine.density, dynamic=True),
+            )
 
         from torchmetrics.image import PeakSignalNoiseRatio
 
         self.psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.lpips_metric = LazyLPIPS()
 
+
+    def _fine_forward(self, positions: torch.Tensor, directions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return (self._compiled_fine[0] if self._compiled_fine else self.field_fine.forward)(positions, directions)
+
+    def _fine_density(self, positions: torch.Tensor) -> torch.Tensor:
+        return (self._compiled_fine[1] if self._compiled_fine else self.field_fine.density)(positions)
 
     # ------------------------------------------------------------------ training
     def get_param_groups(self) -> Dict[str, List[Parameter]]:
