@@ -37,47 +37,7 @@ from torch import Tensor
 
 from nerfstudio_splat_ext.generative.data.generator import ZERO123_CAMERA_ANGLE_X
 from nerfstudio_splat_ext.generative.pixel_gaussians import PixelGaussians, render_pixel_gaussians
-
-
-# ------------------------------------------------------------------------------------------------ loading
-def latest_checkpoint(directory: Path) -> Path:
-    ckpts = sorted(Path(directory).glob("step-*.ckpt"), key=lambda p: int(p.stem.split("-")[-1]))
-    if not ckpts:
-        raise FileNotFoundError(f"no step-*.ckpt in {directory}; train the run first or pass --checkpoint")
-    return ckpts[-1]
-
-
-def load_run_model(config_path: Path, checkpoint: Optional[Path] = None, device: str = "cpu") -> torch.nn.Module:
-    """The model of a nerfstudio run from its ``config.yml`` and a checkpoint (default: the latest), in eval mode.
-    Must have ``predict_gaussians``."""
-    import yaml
-    from nerfstudio.data.scene_box import SceneBox
-
-    config_path = Path(config_path)
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} does not exist; pass the config.yml of a trained run (--load-config)")
-    trainer_config = yaml.load(config_path.read_text(), Loader=yaml.Loader)
-    model_config = trainer_config.pipeline.model
-    if not hasattr(model_config._target, "predict_gaussians"):
-        raise ValueError(
-            f"{config_path} is a {trainer_config.method_name!r} run, whose model cannot predict Gaussians from one "
-            "image; use a splat-ext-image or splat-ext-diffusion run"
-        )
-    ckpt = Path(checkpoint) if checkpoint is not None else latest_checkpoint(
-        config_path.parent / trainer_config.relative_model_dir
-    )
-    model = model_config.setup(scene_box=SceneBox(torch.tensor([[-1.0] * 3, [1.0] * 3])), num_train_data=0, metadata={})
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["pipeline"]
-    prefix = "_model."
-    weights = {}
-    for key, value in state.items():
-        key = key[len("module.") :] if key.startswith("module.") else key
-        if key.startswith(prefix):
-            weights[key[len(prefix) :]] = value
-    if not weights:
-        raise ValueError(f"{ckpt} holds no model weights (no '_model.*' keys in its pipeline state)")
-    model.load_state_dict(weights)
-    return model.to(device).eval()
+from nerfstudio_splat_ext.generative.runs import load_run_model
 
 
 # ------------------------------------------------------------------------------------------------ cameras

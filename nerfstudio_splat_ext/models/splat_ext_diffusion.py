@@ -25,7 +25,6 @@ from typing import Dict, List, Literal, Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
-from nerfstudio.data.scene_box import SceneBox
 from nerfstudio.models.base_model import Model, ModelConfig
 from torch import Tensor
 from torch.nn import Parameter
@@ -106,53 +105,19 @@ class SplatExtDiffusionModelConfig(ModelConfig):
     """Also render the teacher's maps at the target views and report their PSNR (what the student must beat)."""
 
 
-def _latest_checkpoint(directory: Path) -> Path:
-    ckpts = sorted(directory.glob("step-*.ckpt"), key=lambda p: int(p.stem.split("-")[-1]))
-    if not ckpts:
-        raise FileNotFoundError(
-            f"no step-*.ckpt in {directory}; train the teacher first (ns-train splat-ext-image ...) or set "
-            "--pipeline.model.teacher-checkpoint"
-        )
-    return ckpts[-1]
-
-
 def load_teacher(config_path: Path, checkpoint_path: Optional[Path] = None) -> Model:
-    """The teacher model of a nerfstudio run, on the CPU, from its ``config.yml`` and a checkpoint.
+    """The teacher model of a splat-ext-image run, on the CPU, from its ``config.yml`` and a checkpoint (default:
+    the latest). Only the model is built, so the teacher's dataset need not be on this machine."""
+    from nerfstudio_splat_ext.generative.runs import load_run_model
 
-    Only the model is built (not the run's datamanager), so the teacher's dataset need not be on this machine.
-    """
-    import yaml
-
-    config_path = Path(config_path)
-    if not config_path.is_file():
-        raise FileNotFoundError(
-            f"teacher config {config_path} does not exist; point --pipeline.model.teacher-config at the config.yml "
-            "of a trained splat-ext-image run"
-        )
-    trainer_config = yaml.load(config_path.read_text(), Loader=yaml.Loader)
-    model_config = trainer_config.pipeline.model
-    if not hasattr(model_config._target, "predict_canonical"):
-        raise ValueError(
-            f"{config_path} is a {trainer_config.method_name!r} run; the teacher must be a splat-ext-image run "
-            "(its model has predict_canonical)"
-        )
-    ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
-    if ckpt is None:
-        # config.yml sits in the run's base dir; its checkpoints in <base dir>/<relative_model_dir>
-        ckpt = _latest_checkpoint(config_path.parent / trainer_config.relative_model_dir)
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["pipeline"]
-    prefix = "_model."
-    model_state = {}
-    for key, value in state.items():
-        key = key[len("module.") :] if key.startswith("module.") else key
-        if key.startswith(prefix):
-            model_state[key[len(prefix) :]] = value
-    if not model_state:
-        raise ValueError(f"{ckpt} holds no model weights (no '_model.*' keys in its pipeline state)")
-    scene_box = SceneBox(aabb=torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]]))
-    teacher = model_config.setup(scene_box=scene_box, num_train_data=0, metadata={})
-    teacher.load_state_dict(model_state)
-    return teacher
+    return load_run_model(
+        config_path,
+        checkpoint_path,
+        required_method="predict_canonical",
+        missing_hint="point --pipeline.model.teacher-config at the config.yml of a trained splat-ext-image run "
+        "(ns-train splat-ext-image ...), or set --pipeline.model.teacher-checkpoint",
+        wrong_run_hint="the teacher must be a splat-ext-image run",
+    )
 
 
 def _psnr(pred: Tensor, target: Tensor) -> Tensor:
