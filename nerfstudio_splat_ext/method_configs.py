@@ -136,29 +136,31 @@ splat_ext_nerf = MethodSpecification(
 
 
 IMAGE_MAX_STEPS = 50_000
+DIFFUSION_MAX_STEPS = 30_000
+DIFFUSION_BOOTSTRAP_STEPS = 10_000
 
 
-def splat_ext_image_trainer_config() -> SplatExtTrainerConfig:
-    # Splatter-Image teacher on 128x128 generated objects: 8 objects x (1 source + 4 targets) per step, Adam with a
-    # short warm-up, decayed 10x over the run. Evaluation reads held-out objects only (ObjectsPipeline).
+def objects_trainer_config(method_name: str, model, param_group: str, max_steps: int) -> SplatExtTrainerConfig:
+    """A single-image-to-3D method on 128x128 generated objects: 8 objects x (1 source + 4 targets) per step, Adam
+    with a short warm-up, decayed 10x over the run; evaluation reads held-out objects only (ObjectsPipeline)."""
     return SplatExtTrainerConfig(
-        method_name="splat-ext-image",
+        method_name=method_name,
         steps_per_eval_image=1000,
         steps_per_eval_batch=500,
         steps_per_save=5000,
-        steps_per_eval_all_images=IMAGE_MAX_STEPS,
-        max_num_iterations=IMAGE_MAX_STEPS,
+        steps_per_eval_all_images=max_steps,
+        max_num_iterations=max_steps,
         mixed_precision=False,
         machine=MachineConfig(device_type="cuda" if torch.cuda.is_available() else "cpu"),
         pipeline=ObjectsPipelineConfig(
             datamanager=MultiObjectDataManagerConfig(batch_size=8, eval_batch_size=8, num_target_views=4),
-            model=SplatExtImageModelConfig(),
+            model=model,
         ),
         optimizers={
-            "network": {
+            param_group: {
                 "optimizer": AdamOptimizerConfig(lr=1e-4, eps=1e-8),
                 "scheduler": ExponentialDecaySchedulerConfig(
-                    lr_final=1e-5, max_steps=IMAGE_MAX_STEPS, warmup_steps=1000, lr_pre_warmup=1e-6
+                    lr_final=1e-5, max_steps=max_steps, warmup_steps=1000, lr_pre_warmup=1e-6
                 ),
             },
         },
@@ -167,46 +169,24 @@ def splat_ext_image_trainer_config() -> SplatExtTrainerConfig:
     )
 
 
-splat_ext_image = MethodSpecification(
-    config=splat_ext_image_trainer_config(),
-    description="Splatter-Image-style teacher: a U-Net maps one image to one 3D Gaussian per pixel (multi-object data).",
-)
-
-
-DIFFUSION_MAX_STEPS = 30_000
-DIFFUSION_BOOTSTRAP_STEPS = 10_000
+def splat_ext_image_trainer_config() -> SplatExtTrainerConfig:
+    return objects_trainer_config("splat-ext-image", SplatExtImageModelConfig(), "network", IMAGE_MAX_STEPS)
 
 
 def splat_ext_diffusion_trainer_config() -> SplatExtTrainerConfig:
     # Student after "A Lesson in Splats" on the teacher's data: stage 1 (bootstrap) for the first third, then the
-    # 10-step DDIM unrolled with gradients through every step. Same batches and optimiser as the teacher; the unrolled
-    # chain (2 x 10 denoiser calls per step with the cycle) checkpoints its activations on the GPU.
-    # Needs --pipeline.model.teacher-config <teacher run>/config.yml.
-    return SplatExtTrainerConfig(
-        method_name="splat-ext-diffusion",
-        steps_per_eval_image=1000,
-        steps_per_eval_batch=500,
-        steps_per_save=5000,
-        steps_per_eval_all_images=DIFFUSION_MAX_STEPS,
-        max_num_iterations=DIFFUSION_MAX_STEPS,
-        mixed_precision=False,
-        machine=MachineConfig(device_type="cuda" if torch.cuda.is_available() else "cpu"),
-        pipeline=ObjectsPipelineConfig(
-            datamanager=MultiObjectDataManagerConfig(batch_size=8, eval_batch_size=8, num_target_views=4),
-            model=SplatExtDiffusionModelConfig(
-                bootstrap_steps=DIFFUSION_BOOTSTRAP_STEPS, gradient_checkpointing=torch.cuda.is_available()
-            ),
-        ),
-        optimizers={
-            "denoiser": {
-                "optimizer": AdamOptimizerConfig(lr=1e-4, eps=1e-8),
-                "scheduler": ExponentialDecaySchedulerConfig(
-                    lr_final=1e-5, max_steps=DIFFUSION_MAX_STEPS, warmup_steps=1000, lr_pre_warmup=1e-6
-                ),
-            },
-        },
-        vis="tensorboard",
+    # 10-step DDIM unrolled with gradients through every step; the unrolled chain (2 x 10 denoiser calls per step
+    # with the cycle) checkpoints its activations on the GPU. Needs --pipeline.model.teacher-config.
+    model = SplatExtDiffusionModelConfig(
+        bootstrap_steps=DIFFUSION_BOOTSTRAP_STEPS, gradient_checkpointing=torch.cuda.is_available()
     )
+    return objects_trainer_config("splat-ext-diffusion", model, "denoiser", DIFFUSION_MAX_STEPS)
+
+
+splat_ext_image = MethodSpecification(
+    config=splat_ext_image_trainer_config(),
+    description="Splatter-Image-style teacher: a U-Net maps one image to one 3D Gaussian per pixel (multi-object data).",
+)
 
 
 splat_ext_diffusion = MethodSpecification(
