@@ -113,3 +113,40 @@ def test_contribution_pass_prunes_the_gaussians_that_hurt():
     assert kept_good >= 0.85 * n_good, (kept_good, n_good)
     assert kept_junk <= 0.4 * n_junk, (kept_junk, n_junk)
     assert math.isfinite(float(state["contrib_sum"].sum()))
+
+
+def _grow_without_gradient_candidates(fill_budget: bool, seed: int):
+    """One growth at the end of the ramp with no Gaussian above the gradient threshold and random contribution
+    scores (positive for a random half). Returns (parents' old indices that grew, Gaussians added, the positives)."""
+    gen = torch.Generator().manual_seed(seed)
+    s = ContributionStrategy(kind="contribution", max_gaussians=70, refine_start_iter=2, refine_stop_iter=200,
+                             refine_every=2, reset_every=1000, budget_ramp_until=10, fill_budget=fill_budget)
+    params, optimizers = _tagged_scene(n_hot_small=6, n_hot_big=6, n_dead=0, n_plain=20)
+    n = params["means"].shape[0]
+    state = s.initialize_state(1.0)
+    state["n_initial"] = n
+    state["grad2d"] = torch.zeros(n)  # nothing passes the 3DGS gradient gate
+    state["count"] = torch.ones(n)
+    scores = torch.rand(n, generator=gen) - 0.5
+    state["contrib_sum"] = scores * 4.0
+    state["contrib_views"] = torch.full((n,), 4.0)
+    old_means = params["means"].detach().clone()
+    torch.manual_seed(seed)
+    s._grow(params, optimizers, state, step=20)
+    added = params["means"].shape[0] - n
+    check_layout(params, optimizers, state)
+    # parents: clones copy their parent's mean exactly; split children replace the parent in place (moved), so the
+    # parents are the old Gaussians whose mean no longer occurs unchanged, or that occur twice
+    kept = params["means"].detach()
+    parents = [i for i in range(n) if (kept == old_means[i]).all(dim=1).sum() != 1]
+    return parents, added, set(torch.nonzero(scores > 0).flatten().tolist())
+
+
+def test_fill_budget_grows_to_the_allowance_from_positive_contributors_only():
+    for seed in range(3):
+        parents, added, positive = _grow_without_gradient_candidates(True, seed)
+        room = 70 - 32  # the ramp is over at step 20: the whole cap is allowed; each parent adds one Gaussian
+        assert 0 < len(positive) <= room
+        assert added == len(positive) and set(parents) == positive  # every positive contributor, nothing else
+        parents, added, _ = _grow_without_gradient_candidates(False, seed)
+        assert added == 0 and not parents

@@ -13,8 +13,10 @@ it per Gaussian together with the number of passes in which ``j`` covered a pixe
   fits its pixels well scores about 0 whatever its importance (removing it would raise the loss only at second
   order), and a zero threshold would delete about half of the well-fitted Gaussians at random;
 * grow: among the Gaussians above the positional-gradient threshold (as in 3DGS), parents are drawn without
-  replacement with probability proportional to their (positive) score until the budget is used; small parents are
-  cloned, large ones split into children sampled from the parent's 3D Gaussian (``ops.split``);
+  replacement with probability proportional to their (positive) score until the budget is used; with
+  ``fill_budget``, what is left of the allowance is drawn the same way from all measured Gaussians with a positive
+  score; small parents are cloned, large ones split into children sampled from the parent's 3D Gaussian
+  (``ops.split``);
 * budget: the number of Gaussians never exceeds ``max_gaussians``; the allowance ramps linearly from the initial
   count to the cap between ``refine_start_iter`` and ``budget_ramp_until``.
 
@@ -52,6 +54,10 @@ class ContributionStrategy(ADCStrategy):
     min_contribution_views: int = 3
     """Only Gaussians measured in at least this many contribution passes since the last refinement are pruned by
     contribution."""
+    fill_budget: bool = True
+    """Growth also draws parents below the positional-gradient threshold (probability proportional to a positive
+    score) until the allowance is used. Without it, growth gated by the gradient alone left lego at 70k of a 170k
+    allowance (BENCHMARKS.md 00b)."""
     budget_ramp_until: Optional[int] = None
     """Step at which the allowance reaches ``max_gaussians``. None: half of ``refine_stop_iter``."""
 
@@ -135,14 +141,13 @@ class ContributionStrategy(ADCStrategy):
         n = ops.num_gaussians(params)
         budget = self.budget_at(step, state.get("n_initial") or n)
         room = candidates.numel() * self.n_split if budget is None else max(budget - n, 0)
-        if candidates.numel() == 0 or room == 0:
-            return 0, 0
         # A split adds n_split - 1 Gaussians, a clone one; count every parent as the dearer of the two.
-        n_parents = min(candidates.numel(), room // max(self.n_split - 1, 1))
-        if n_parents <= 0:
+        max_parents = room // max(self.n_split - 1, 1)
+        if max_parents <= 0:
             return 0, 0
         scores = self._scores(state)
-        if n_parents < candidates.numel():
+        n_parents = min(candidates.numel(), max_parents)
+        if 0 < n_parents < candidates.numel():
             if scores is None:
                 weights = avg_grad[candidates]
             else:
@@ -151,9 +156,20 @@ class ContributionStrategy(ADCStrategy):
                 weights = positive + 1e-3 * positive.mean().clamp_min(1e-12)
             chosen = candidates[torch.multinomial(weights, n_parents, replacement=False)]
         else:
-            chosen = candidates
+            chosen = candidates[:n_parents]
         selected = torch.zeros(n, dtype=torch.bool, device=avg_grad.device)
         selected[chosen] = True
+        if self.fill_budget and budget is not None and scores is not None and n_parents < max_parents:
+            # The rest of the allowance: parents drawn in proportion to their contribution (a learned density over
+            # space, as in DeG), among measured Gaussians whose removal would raise the loss.
+            pool = torch.nonzero(
+                (state["contrib_views"] >= self.min_contribution_views) & (scores > 0) & ~selected, as_tuple=True
+            )[0]
+            k = min(pool.numel(), max_parents - n_parents)
+            if k > 0:
+                selected[pool[torch.multinomial(scores[pool], k, replacement=False)]] = True
+        if not bool(selected.any()):
+            return 0, 0
         small = torch.exp(params["scales"].detach()).amax(dim=-1) <= self.dense_percent * extent
         n_cloned = ops.duplicate(params, optimizers, state, selected & small)
         is_split = torch.cat([selected & ~small, selected.new_zeros(ops.num_gaussians(params) - n)])
@@ -174,9 +190,12 @@ class ContributionStrategy(ADCStrategy):
         return removed + ops.remove(params, optimizers, state, useless)
 
     def _refine(self, params, optimizers, state, step):
+        n_before = ops.num_gaussians(params)
         stats = super()._refine(params, optimizers, state, step)
-        if self.max_gaussians is not None and ops.num_gaussians(params) > int(self.max_gaussians):
-            raise RuntimeError("density control exceeded max_gaussians")  # cannot happen: growth is budgeted
+        # Growth is budgeted, so this cannot happen; a start above the cap (more initial points than max_gaussians)
+        # is allowed and only stops growth until pruning brings the count under the cap.
+        if self.max_gaussians is not None and ops.num_gaussians(params) > max(int(self.max_gaussians), n_before):
+            raise RuntimeError("density control grew beyond max_gaussians")
         return stats
 
     @staticmethod
