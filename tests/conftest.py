@@ -36,3 +36,14 @@ def tiny_synth(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth") / "tiny"
     write_dataset(out, DatasetSpec(num_train=24, num_val=2, num_test=6, resolution=48, supersample=1))
     return out
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tests on tiny tensors: threads gain little and thrash on a busy 2-core machine."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

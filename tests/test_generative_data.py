@@ -53,12 +53,8 @@ SPEC = ObjectDatasetSpec(render=RENDER, num_train=6, num_heldout=3, train_seed_s
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # the compacted sphere tracer's tensors are small: threads gain little and thrash on a busy machine
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread(one_torch_thread):
+    """Every test of this module runs on one torch thread (conftest.one_torch_thread)."""
 
 
 @pytest.fixture(scope="module")

@@ -132,12 +132,8 @@ BOX = SceneBox(torch.tensor([[-1.0] * 3, [1.0] * 3]))
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny tensors: threads gain little and thrash on a shared machine
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread(one_torch_thread):
+    """Every test of this module runs on one torch thread (conftest.one_torch_thread)."""
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from typing import Dict, Optional, Tuple, Type
 
 import torch
 import torchvision.utils as vutils
+from nerfstudio.models.base_model import Model
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
 from nerfstudio.utils.rich_utils import CONSOLE
 from torch import Tensor
@@ -46,6 +47,22 @@ def psnr(pred: Tensor, target: Tensor) -> Tensor:
     """PSNR (dB, data range 1) per leading item: pred, target [N, H, W, 3] -> [N]."""
     mse = ((pred - target) ** 2).flatten(1).mean(dim=1)
     return -10.0 * torch.log10(mse.clamp_min(1e-10))
+
+
+class ObjectsModel(Model):
+    """Base of the models this pipeline trains: they map a source image to Gaussians (``forward_batch``,
+    ``predict_gaussians``), so nerfstudio's per-ray entry points do not apply to them."""
+
+    method_name: str = "this method"
+
+    def get_outputs(self, ray_bundle) -> Dict:  # type: ignore[override]
+        raise NotImplementedError(
+            f"{self.method_name} predicts Gaussians from a source image: use forward_batch / predict_gaussians "
+            f"(the {self.method_name} method's pipeline calls those), or splat-ext-image-to-3d for one image"
+        )
+
+    def get_image_metrics_and_images(self, outputs, batch):  # type: ignore[override]
+        raise NotImplementedError(f"evaluation of {self.method_name} runs in ObjectsPipeline.evaluate_object")
 
 
 @dataclass

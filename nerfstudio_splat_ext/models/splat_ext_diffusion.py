@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from nerfstudio_splat_ext.generative.diffusion.denoiser import GaussianMapDenoiser, fit_base_width
 from nerfstudio_splat_ext.generative.diffusion.schedule import DiffusionSchedule, ddim_timesteps
 from nerfstudio_splat_ext.generative.networks.unet import count_parameters
-from nerfstudio_splat_ext.generative.pipeline import composite, psnr
+from nerfstudio_splat_ext.generative.pipeline import ObjectsModel, composite, psnr
 from nerfstudio_splat_ext.models.splat_ext_image import build_lpips_network
 from nerfstudio_splat_ext.generative.pixel_gaussians import (
     GaussianMapConfig,
@@ -125,11 +125,12 @@ def _psnr(pred: Tensor, target: Tensor) -> Tensor:
     return psnr(pred.detach().clamp(0, 1).flatten(0, 1), target.flatten(0, 1)).mean()
 
 
-class SplatExtDiffusionModel(Model):
+class SplatExtDiffusionModel(ObjectsModel):
     """The student; see the module docstring. Entry points: forward_batch, get_loss_dict, get_metrics_dict,
     predict_gaussians (the interface of nerfstudio_splat_ext.generative.pipeline)."""
 
     config: SplatExtDiffusionModelConfig
+    method_name = "splat-ext-diffusion"
 
     # ------------------------------------------------------------------------------------------ setup
     def populate_modules(self) -> None:
@@ -193,15 +194,6 @@ class SplatExtDiffusionModel(Model):
 
     def get_param_groups(self) -> Dict[str, List[Parameter]]:
         return {"denoiser": list(self.denoiser.parameters())}
-
-    def get_outputs(self, ray_bundle) -> Dict:  # type: ignore[override]
-        raise NotImplementedError(
-            "splat-ext-diffusion predicts Gaussians from a source image: use forward_batch / predict_gaussians "
-            "(the splat-ext-diffusion method's pipeline calls those)"
-        )
-
-    def get_image_metrics_and_images(self, outputs, batch):  # type: ignore[override]
-        raise NotImplementedError("evaluation of splat-ext-diffusion runs in ObjectsPipeline.evaluate_object")
 
     # --------------------------------------------------------------------------------- building blocks
     @torch.no_grad()

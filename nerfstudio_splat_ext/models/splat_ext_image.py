@@ -22,12 +22,12 @@ from typing import Dict, List, Literal, Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
-from nerfstudio.models.base_model import Model, ModelConfig
+from nerfstudio.models.base_model import ModelConfig
 from torch import Tensor
 from torch.nn import Parameter
 
 from nerfstudio_splat_ext.generative.networks.unet import UNet, count_parameters
-from nerfstudio_splat_ext.generative.pipeline import composite, psnr
+from nerfstudio_splat_ext.generative.pipeline import ObjectsModel, composite, psnr
 from nerfstudio_splat_ext.generative.pixel_gaussians import (
     CHANNEL_SLICES,
     GAUSSIAN_MAP_CHANNELS,
@@ -86,11 +86,12 @@ def _atanh(x: float) -> float:
     return 0.5 * math.log((1 + x) / (1 - x))
 
 
-class SplatExtImageModel(Model):
+class SplatExtImageModel(ObjectsModel):
     """The teacher; entry points ``forward_batch``, ``get_loss_dict``, ``get_metrics_dict``, ``predict_canonical``,
     ``predict_gaussians`` (the interface of :mod:`nerfstudio_splat_ext.generative.pipeline`)."""
 
     config: SplatExtImageModelConfig
+    method_name = "splat-ext-image"
 
     # ---------------------------------------------------------------------------------------------- setup
     def populate_modules(self) -> None:
@@ -130,15 +131,6 @@ class SplatExtImageModel(Model):
 
     def get_param_groups(self) -> Dict[str, List[Parameter]]:
         return {"network": list(self.unet.parameters())}
-
-    def get_outputs(self, ray_bundle) -> Dict:  # type: ignore[override]
-        raise NotImplementedError(
-            "splat-ext-image predicts Gaussians from a source image: use forward_batch / predict_gaussians "
-            "(the splat-ext-image method's pipeline calls those), or splat-ext-image-to-3d for one image"
-        )
-
-    def get_image_metrics_and_images(self, outputs, batch):  # type: ignore[override]
-        raise NotImplementedError("evaluation of splat-ext-image runs in ObjectsPipeline.evaluate_object")
 
     # --------------------------------------------------------------------------------------- prediction
     def network_input(self, source_rgb: Tensor, c2w: Tensor, intrinsics: Tensor) -> Tensor:
