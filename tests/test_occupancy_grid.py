@@ -107,3 +107,46 @@ def test_transmittance_culling_keeps_the_rendering():
     culled = grid.sample(origins, dirs, step_size=0.005, sigma_fn=sigma_fn, alpha_threshold=1e-4)
     assert culled.ray_indices.numel() < 0.8 * full.ray_indices.numel()
     torch.testing.assert_close(render(culled), render(full), atol=2e-3, rtol=0)
+
+
+def test_front_to_back_density_pass_keeps_the_same_samples_with_fewer_evaluations():
+    """The chunked density pass (rounds of a few samples per ray, stopping at opaque rays) keeps exactly the samples
+    of the one-shot pass and evaluates the network on fewer points."""
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    centre = (torch.rand(3, generator=gen) - 0.5) * 0.4
+    radius = 0.3 + 0.3 * float(torch.rand(1, generator=gen))
+    origins, _ = _random_rays(150, gen)
+    # two thirds aimed at the ball (they turn opaque inside it), the rest anywhere in the box
+    targets = (torch.rand(150, 3, generator=gen) * 2 - 1) * 0.8
+    targets[:100] = centre + (torch.rand(100, 3, generator=gen) - 0.5) * radius
+    dirs = torch.nn.functional.normalize(targets - origins, dim=-1)
+    grid = OccupancyGrid(BOX, resolution=16)
+    evaluated = []
+
+    def sigma_fn(points, directions=None):
+        evaluated.append(points.shape[0])
+        inside = (points - centre).norm(dim=-1) < radius
+        return torch.where(inside, torch.full_like(points[:, 0], 2000.0), torch.full_like(points[:, 0], 0.2))
+
+    one_shot = grid.sample(origins, dirs, step_size=0.005, sigma_fn=sigma_fn, alpha_threshold=1e-4)
+    one_shot_evals, evaluated[:] = sum(evaluated), []
+    chunked = grid.sample(origins, dirs, step_size=0.005, sigma_fn=sigma_fn, alpha_threshold=1e-4, density_chunk=16)
+    assert torch.equal(chunked.ray_indices, one_shot.ray_indices)
+    assert torch.equal(chunked.t_starts, one_shot.t_starts) and torch.equal(chunked.t_ends, one_shot.t_ends)
+    assert sum(evaluated) < 0.7 * one_shot_evals
+
+
+def test_marching_is_limited_to_the_occupied_bounding_box():
+    grid = OccupancyGrid(BOX, resolution=32, warmup_steps=10)
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    centre = (torch.rand(3, generator=gen) - 0.5) * 0.6
+    grid.update(0, lambda p: ((p - centre).norm(dim=-1) < 0.25).float() * 5.0)
+    lo, hi = grid.occupied_aabb
+    cell = 2.0 / 32
+    assert bool(((centre - 0.25 - lo) > 0).all() and ((centre - 0.25 - lo) < 3 * cell).all())
+    assert bool(((hi - centre - 0.25) > 0).all() and ((hi - centre - 0.25) < 3 * cell).all())
+    origins, dirs = _random_rays(100, gen)
+    samples = grid.sample(origins, dirs, step_size=0.005)
+    mid = 0.5 * (samples.t_starts + samples.t_ends)
+    points = origins[samples.ray_indices] + mid[:, None] * dirs[samples.ray_indices]
+    assert bool(((points >= lo - 1e-6) & (points <= hi + 1e-6)).all())

@@ -85,6 +85,9 @@ class OccupancyGrid(nn.Module):
         # Everything starts occupied: nothing is skipped before the first update has looked at the network.
         self.register_buffer("opacity", torch.zeros(cells))
         self.register_buffer("occupied", torch.ones(cells, dtype=torch.bool))
+        # Rays are marched only through the bounding box of the occupied cells (refreshed by `update`): the dense
+        # [rays, steps] candidate table then spans the object, not the whole scene box.
+        self.register_buffer("occupied_aabb", self.aabb.clone())
 
     # ------------------------------------------------------------------ update
     def _cell_centres(self, indices: Tensor, jitter: bool) -> Tensor:
@@ -117,6 +120,19 @@ class OccupancyGrid(nn.Module):
         self.opacity.copy_(decayed)
         cut = min(self.threshold, float(self.opacity.mean()))
         self.occupied.copy_(self.opacity > cut)
+        self.occupied_aabb.copy_(self._occupied_bounds())
+
+    def _occupied_bounds(self) -> Tensor:
+        """Box around the occupied cells, one cell wider on each side (the whole box when nothing is occupied)."""
+        r = self.resolution
+        cells = torch.nonzero(self.occupied).flatten()
+        if cells.numel() == 0:
+            return self.aabb.clone()
+        ijk = torch.stack([cells // (r * r), (cells // r) % r, cells % r], -1)
+        lo = (ijk.amin(0) - 1).clamp(min=0).float() / r
+        hi = (ijk.amax(0) + 2).clamp(max=r).float() / r
+        size = self.aabb[1] - self.aabb[0]
+        return torch.stack([self.aabb[0] + lo * size, self.aabb[0] + hi * size])
 
     def occupied_fraction(self) -> float:
         return float(self.occupied.float().mean())
@@ -141,11 +157,14 @@ class OccupancyGrid(nn.Module):
         alpha_threshold: float = 0.0,
         early_stop_eps: float = 1e-4,
         chunk_samples: int = 1 << 22,
+        density_chunk: int = 0,
     ) -> PackedSamples:
         """March the rays through the occupied cells. ``sigma_fn(positions, directions) -> sigma`` (no gradient)
-        enables the transmittance / alpha culling."""
+        enables the transmittance / alpha culling. ``density_chunk`` > 0: the density pass runs front to back in
+        rounds of that many samples per ray and stops for rays that are already opaque, instead of evaluating every
+        marched sample (most lie behind the first surface)."""
         num_rays = origins.shape[0]
-        t_near, t_far = ray_aabb(origins, directions, self.aabb)
+        t_near, t_far = ray_aabb(origins, directions, self.occupied_aabb)
         t_near = t_near.clamp(min=near_plane)
         hits = t_far > t_near
         device = origins.device
@@ -182,9 +201,42 @@ class OccupancyGrid(nn.Module):
         samples = PackedSamples(ray_indices, t_starts, t_ends, num_rays)
         if sigma_fn is None or ray_indices.numel() == 0:
             return samples
+        if density_chunk > 0:
+            return self._cull_front_to_back(samples, origins, directions, sigma_fn, alpha_threshold, early_stop_eps,
+                                            density_chunk)
         positions = origins[ray_indices] + t_mid[:, None] * directions[ray_indices]
         sigmas = sigma_fn(positions, directions[ray_indices]).reshape(-1).float()
         tau = sigmas * (t_ends - t_starts)
         alpha = 1.0 - torch.exp(-tau)
         keep = (alpha > alpha_threshold) & (transmittance(tau, ray_indices) > early_stop_eps)
         return PackedSamples(ray_indices[keep], samples.t_starts[keep], samples.t_ends[keep], num_rays)
+
+    @staticmethod
+    def _cull_front_to_back(samples: PackedSamples, origins: Tensor, directions: Tensor, sigma_fn, alpha_threshold: float,
+                            early_stop_eps: float, chunk: int) -> PackedSamples:
+        """The density pass of `sample` in rounds: round r evaluates the samples of rank [r*chunk, (r+1)*chunk)
+        within their ray, for the rays whose transmittance is still above ``early_stop_eps``. Keeps the same samples
+        as the one-shot pass (a sample behind an opaque stretch fails the transmittance test either way)."""
+        ray_indices, t_starts, t_ends = samples.ray_indices, samples.t_starts, samples.t_ends
+        total = ray_indices.numel()
+        first = torch.ones_like(ray_indices, dtype=torch.bool)
+        first[1:] = ray_indices[1:] != ray_indices[:-1]
+        index = torch.arange(total, device=ray_indices.device)
+        rank = index - torch.cummax(torch.where(first, index, 0), 0).values
+        depth_before = torch.zeros(samples.num_rays, dtype=torch.float64, device=ray_indices.device)
+        keep = torch.zeros(total, dtype=torch.bool, device=ray_indices.device)
+        max_rank = int(rank.max())
+        for lo in range(0, max_rank + 1, chunk):
+            alive = torch.exp(-depth_before) > early_stop_eps
+            selected = torch.nonzero((rank >= lo) & (rank < lo + chunk) & alive[ray_indices]).flatten()
+            if selected.numel() == 0:
+                break
+            rays = ray_indices[selected]
+            t_mid = 0.5 * (t_starts[selected] + t_ends[selected])
+            positions = origins[rays] + t_mid[:, None] * directions[rays]
+            sigmas = sigma_fn(positions, directions[rays]).reshape(-1).float()
+            tau = sigmas * (t_ends[selected] - t_starts[selected])
+            trans = transmittance(tau, rays) * torch.exp(-depth_before[rays]).to(tau.dtype)
+            keep[selected] = (1.0 - torch.exp(-tau) > alpha_threshold) & (trans > early_stop_eps)
+            depth_before.index_add_(0, rays, tau.double())
+        return PackedSamples(ray_indices[keep], t_starts[keep], t_ends[keep], samples.num_rays)

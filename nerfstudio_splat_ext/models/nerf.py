@@ -57,6 +57,9 @@ class SplatExtNerfModelConfig(ModelConfig):
     alpha_thre: float = 1e-4
     """Fast path: samples whose alpha is below this are skipped."""
     grid_update_every: int = 16
+    density_chunk: int = 0
+    """Fast path: >0 runs the gradient-free density pass front to back, this many samples per ray at a time, and
+    stops at rays that are already opaque (fewer network evaluations behind surfaces); 0 evaluates all at once."""
     compile_mlp: bool = False
     """Fast path on CUDA: torch.compile the network's forward (fuses the encoding and activations around the
     matmuls). The parameters stay those of the plain module, so checkpoints do not depend on this switch."""
@@ -182,6 +185,7 @@ class SplatExtNerfModel(Model):
             stratified=self.training,
             sigma_fn=lambda x, d: self._fine_density(x),
             alpha_threshold=self.config.alpha_thre,
+            density_chunk=self.config.density_chunk,
         )
         t_mid = 0.5 * (samples.t_starts + samples.t_ends)
         positions = origins[samples.ray_indices] + t_mid[:, None] * directions[samples.ray_indices]

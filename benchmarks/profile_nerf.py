@@ -1,0 +1,162 @@
+"""Where one `splat-ext-nerf` training step spends its time (GPU), and how many samples a ray costs.
+
+Builds the method's trainer in this process, trains --warmup steps (the occupancy grid settles), then:
+  1. times --steps plain steps (nerfstudio's train_iteration plus the grid callback): steps/s and rays/s;
+  2. times the same number of steps again with a CUDA synchronisation around each stage (datamanager, ray
+     marching through the grid, the gradient-free density pass, the network with gradients, compositing and loss,
+     backward + optimizer, grid update), so the stages add up to the step;
+  3. reports samples per ray: marched in occupied cells, and kept after the density pass.
+
+    python benchmarks/profile_nerf.py --data ../shared/data/nerf_synthetic_lego --out profile_nerf.json \
+        [--flags "--pipeline.model.alpha-thre 0"]
+
+--flags are ns-train flags of the method (parsed by tyro against its config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def build_trainer(data: Path, flags: str, out_dir: Path):
+    import tyro
+    from nerfstudio_splat_ext.method_configs import splat_ext_nerf_trainer_config
+
+    base = splat_ext_nerf_trainer_config()
+    argv = ["--data", str(data), "--output-dir", str(out_dir), "--vis", "tensorboard", *shlex.split(flags)]
+    config = tyro.cli(type(base), args=argv, default=base)
+    config.set_timestamp()
+    config.pipeline.datamanager.data = config.data
+    config.save_config()
+    trainer = config.setup(local_rank=0, world_size=1)
+    trainer.setup()
+    return trainer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=Path("profile_nerf.json"))
+    parser.add_argument("--warmup", type=int, default=1500, help="steps before measuring (grid settles)")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--flags", default="", help="ns-train flags of splat-ext-nerf")
+    parser.add_argument("--label", default="default")
+    args = parser.parse_args()
+
+    from nerfstudio.engine.callbacks import TrainingCallbackLocation
+    from nerfstudio_splat_ext.model_components import occupancy_grid as grid_module
+
+    trainer = build_trainer(args.data, args.flags, Path("/tmp/profile_nerf_runs"))
+    model = trainer.pipeline.model
+    rays_per_step = trainer.config.pipeline.datamanager.train_num_rays_per_batch
+
+    def step(i: int) -> None:
+        trainer.pipeline.train()
+        for callback in trainer.callbacks:
+            callback.run_callback_at_location(i, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
+        trainer.train_iteration(i)
+        for callback in trainer.callbacks:
+            callback.run_callback_at_location(i, location=TrainingCallbackLocation.AFTER_TRAIN_ITERATION)
+
+    t0 = time.time()
+    for i in range(args.warmup):
+        step(i)
+    sync()
+    warmup_s = time.time() - t0
+
+    # 1. plain steps
+    sync()
+    t0 = time.time()
+    for i in range(args.warmup, args.warmup + args.steps):
+        step(i)
+    sync()
+    plain_s = (time.time() - t0) / args.steps
+
+    # 2. the same with synchronised stage timers (monkeypatched wrappers)
+    totals = defaultdict(float)
+    counts = defaultdict(float)
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            sync()
+            t = time.perf_counter()
+            out = fn(*a, **k)
+            sync()
+            totals[name] += time.perf_counter() - t
+            return out
+        return wrapper
+
+    dm = trainer.pipeline.datamanager
+    dm.next_train = timed("datamanager", dm.next_train)
+    grid = model.occupancy_grid
+    orig_sample = grid.sample
+
+    def sample(*a, **k):
+        sigma_fn = k.get("sigma_fn")
+        if sigma_fn is not None:
+            def counted(x, d):
+                counts["marched"] += x.shape[0]
+                return timed("density pass", sigma_fn)(x, d)
+            k["sigma_fn"] = counted
+        out = orig_sample(*a, **k)
+        counts["kept"] += out.ray_indices.numel()
+        counts["rays"] += out.num_rays
+        return out
+
+    grid.sample = timed("marching + density pass", sample)
+    model._fine_forward = timed("network with gradients (forward)", model._fine_forward)
+    grid.update = timed("grid update", grid.update)
+    model.get_outputs = timed("get_outputs (all)", model.get_outputs)
+    step_total = 0.0
+    for i in range(args.warmup + args.steps, args.warmup + 2 * args.steps):
+        sync()
+        t = time.perf_counter()
+        step(i)
+        sync()
+        step_total += time.perf_counter() - t
+    n = args.steps
+    stages = {k: 1000.0 * v / n for k, v in totals.items()}
+    stages["marching (grid only)"] = stages.get("marching + density pass", 0.0) - stages.get("density pass", 0.0)
+    stages["compositing + loss + backward + optimizer + rest"] = (
+        1000.0 * step_total / n - stages.get("datamanager", 0.0) - stages.get("get_outputs (all)", 0.0)
+        - stages.get("grid update", 0.0)
+    )
+    stages["compositing (get_outputs minus marching and network)"] = (
+        stages.get("get_outputs (all)", 0.0) - stages.get("marching + density pass", 0.0)
+        - stages.get("network with gradients (forward)", 0.0)
+    )
+    result = {
+        "label": args.label,
+        "flags": args.flags,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "rays_per_step": rays_per_step,
+        "warmup_steps": args.warmup,
+        "warmup_s": warmup_s,
+        "plain_ms_per_step": 1000.0 * plain_s,
+        "plain_rays_per_s": rays_per_step / plain_s,
+        "synced_ms_per_step": 1000.0 * step_total / n,
+        "stages_ms": stages,
+        "marched_samples_per_ray": counts["marched"] / max(counts["rays"], 1),
+        "kept_samples_per_ray": counts["kept"] / max(counts["rays"], 1),
+        "occupied_fraction": grid.occupied_fraction(),
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0,
+    }
+    print(json.dumps(result, indent=1), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
