@@ -5,11 +5,11 @@ nerfstudio imports this module for every `ns-*` command, so it only builds confi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import List
 
 import torch
 from nerfstudio.configs.base_config import MachineConfig, ViewerConfig
-from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManagerConfig
 from nerfstudio.data.datamanagers.full_images_datamanager import FullImageDatamanagerConfig
 from nerfstudio.engine.optimizers import AdamOptimizerConfig
 from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
@@ -17,6 +17,7 @@ from nerfstudio.pipelines.base_pipeline import VanillaPipelineConfig
 from nerfstudio.plugins.types import MethodSpecification
 
 from nerfstudio_splat_ext.dataparsers.splat_ext_dataparser import SplatExtDataParserConfig
+from nerfstudio_splat_ext.datamanagers.ray_datamanager import SplatExtRayDataManagerConfig
 from nerfstudio_splat_ext.engine.trainer import SplatExtTrainerConfig
 from nerfstudio_splat_ext.models.nerf import SplatExtNerfModelConfig
 from nerfstudio_splat_ext.models.splat_ext import SplatExtModelConfig
@@ -93,6 +94,13 @@ splat_ext = MethodSpecification(
 )
 
 
+@dataclass
+class FusedAdamOptimizerConfig(AdamOptimizerConfig):
+    """torch's Adam with its fused CUDA kernel (one launch for all parameters, grad-scaler aware)."""
+
+    fused: bool = True
+
+
 # What one H200 runs in about 9 minutes (20k steps in 532 s on lego); the learning rate decays over exactly this.
 NERF_MAX_STEPS = 20_000
 
@@ -111,7 +119,7 @@ def splat_ext_nerf_trainer_config() -> SplatExtTrainerConfig:
         mixed_precision=gpu,
         machine=MachineConfig(device_type="cuda" if gpu else "cpu"),
         pipeline=VanillaPipelineConfig(
-            datamanager=VanillaDataManagerConfig(
+            datamanager=SplatExtRayDataManagerConfig(
                 dataparser=SplatExtDataParserConfig(),
                 train_num_rays_per_batch=8192 if gpu else 1024,
                 eval_num_rays_per_batch=4096,
@@ -120,7 +128,7 @@ def splat_ext_nerf_trainer_config() -> SplatExtTrainerConfig:
         ),
         optimizers={
             "fields": {
-                "optimizer": AdamOptimizerConfig(lr=5e-4, eps=1e-8),
+                "optimizer": (FusedAdamOptimizerConfig if gpu else AdamOptimizerConfig)(lr=5e-4, eps=1e-8),
                 "scheduler": ExponentialDecaySchedulerConfig(lr_final=5e-5, max_steps=NERF_MAX_STEPS),
             },
         },

@@ -141,3 +141,33 @@ def test_tiny_nerf_on_lego_50px_cpu(lego_dir, tmp_path):
     print(f"splat-ext-nerf tiny, lego 50x50 CPU: test PSNR {results['psnr']:.2f} dB, SSIM {results['ssim']:.4f}")
     assert math.isfinite(results["psnr"]) and results["psnr"] >= NERF_CPU_MIN_PSNR
     assert "<html" in viewer_page(config).lower()  # ns-viewer loads the NeRF checkpoint and serves the page
+
+
+@pytest.mark.parametrize("fast_path", ["off", "on"])
+def test_random_training_background_composites_target_and_render_over_the_same_colour(fast_path):
+    """With RGBA targets, training composites both the target and the render (C_obj + (1 - acc) bg, for the coarse
+    and the fine render) over one random colour per ray; with train_background 'fixed' both use white."""
+    model = _model(fast_path=fast_path, grid_resolution=16)
+    model.train()
+    rays = _rays(64)
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    image = torch.rand(64, 4, generator=gen)
+    image[:20, 3] = 0.0  # fully transparent pixels: their target is the background itself
+    with torch.no_grad():
+        out = model(rays)
+        seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+        torch.manual_seed(seed)
+        losses = model.get_loss_dict(out, {"image": image})
+        torch.manual_seed(seed)
+        bg = torch.rand(64, 3)
+        gt = image[:, :3] * image[:, 3:] + (1 - image[:, 3:]) * bg
+        for key, render, acc in (("rgb_loss_fine", "rgb", "accumulation"),
+                                 ("rgb_loss_coarse", "rgb_coarse", "accumulation_coarse")):
+            if render not in out:
+                continue
+            pred = out[render] - (1 - out[acc]) * torch.ones(3) + (1 - out[acc]) * bg
+            torch.testing.assert_close(losses[key], torch.mean((pred - gt) ** 2))
+        model.config.train_background = "fixed"
+        fixed = model.get_loss_dict(out, {"image": image})
+        white_gt = image[:, :3] * image[:, 3:] + (1 - image[:, 3:])
+        torch.testing.assert_close(fixed["rgb_loss_fine"], torch.mean((out["rgb"] - white_gt) ** 2))

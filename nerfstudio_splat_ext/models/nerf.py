@@ -49,6 +49,10 @@ class SplatExtNerfModelConfig(ModelConfig):
     color_width: int = 128
     background_color: Literal["auto", "white", "black"] = "auto"
     """'auto': the dataset's alpha colour (white for Blender data), else black."""
+    train_background: Literal["random", "fixed"] = "random"
+    """'random': when the training pixels carry alpha, each ray's target and render are composited over a random
+    colour during training (as Instant-NGP), so empty space cannot be explained by background-coloured density;
+    evaluation and the viewer use the fixed background. 'fixed': the fixed background throughout."""
     fast_path: Literal["auto", "on", "off"] = "auto"
     """Occupancy-grid sampling with the fine network alone. 'auto': on with CUDA, off on CPU ('on' works there too)."""
     grid_resolution: int = 128
@@ -210,10 +214,22 @@ class SplatExtNerfModel(Model):
         return self.renderer_rgb.blend_background(image)
 
     def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, torch.Tensor]:
-        gt = self._gt(batch)
-        losses = {"rgb_loss_fine": torch.mean((outputs["rgb"] - gt) ** 2)}
-        if "rgb_coarse" in outputs:
-            losses["rgb_loss_coarse"] = torch.mean((outputs["rgb_coarse"] - gt) ** 2)
+        image = batch["image"].to(self.device)
+        if self.training and self.config.train_background == "random" and image.shape[-1] == 4:
+            # Renders are linear in the background: C = C_obj + (1 - acc) bg, so swapping the fixed colour for a
+            # random one per ray is exact for the coarse and the fine render alike.
+            fixed = torch.as_tensor(self.renderer_rgb.background_color).to(image)
+            shift = torch.rand(image.shape[0], 3, device=image.device) - fixed
+            alpha = image[:, 3:]
+            gt = image[:, :3] * alpha + (1.0 - alpha) * (fixed + shift)
+            pred = {k: outputs[k] + (1.0 - outputs[a]) * shift for k, a in
+                    (("rgb", "accumulation"), ("rgb_coarse", "accumulation_coarse")) if k in outputs}
+        else:
+            gt = self._gt(batch)
+            pred = {k: outputs[k] for k in ("rgb", "rgb_coarse") if k in outputs}
+        losses = {"rgb_loss_fine": torch.mean((pred["rgb"] - gt) ** 2)}
+        if "rgb_coarse" in pred:
+            losses["rgb_loss_coarse"] = torch.mean((pred["rgb_coarse"] - gt) ** 2)
         return losses
 
     def get_metrics_dict(self, outputs, batch) -> Dict[str, torch.Tensor]:
