@@ -147,7 +147,7 @@ def test_tiny_nerf_on_lego_50px_cpu(lego_dir, tmp_path):
 def test_random_training_background_composites_target_and_render_over_the_same_colour(fast_path):
     """With RGBA targets, training composites both the target and the render (C_obj + (1 - acc) bg, for the coarse
     and the fine render) over one random colour per ray; with train_background 'fixed' both use white."""
-    model = _model(fast_path=fast_path, grid_resolution=16)
+    model = _model(fast_path=fast_path, grid_resolution=16, train_background="random")
     model.train()
     rays = _rays(64)
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)

@@ -49,10 +49,11 @@ class SplatExtNerfModelConfig(ModelConfig):
     color_width: int = 128
     background_color: Literal["auto", "white", "black"] = "auto"
     """'auto': the dataset's alpha colour (white for Blender data), else black."""
-    train_background: Literal["random", "fixed"] = "random"
+    train_background: Literal["random", "fixed"] = "fixed"
     """'random': when the training pixels carry alpha, each ray's target and render are composited over a random
     colour during training (as Instant-NGP), so empty space cannot be explained by background-coloured density;
-    evaluation and the viewer use the fixed background. 'fixed': the fixed background throughout."""
+    evaluation and the viewer use the fixed background. 'fixed' (default): the fixed background throughout; on lego
+    'random' measured no better (30.27 vs 30.34 dB in 9 minutes) and once lost all density early in a run."""
     fast_path: Literal["auto", "on", "off"] = "auto"
     """Occupancy-grid sampling with the fine network alone. 'auto': on with CUDA, off on CPU ('on' works there too)."""
     grid_resolution: int = 128
