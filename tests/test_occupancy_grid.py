@@ -150,3 +150,36 @@ def test_marching_is_limited_to_the_occupied_bounding_box():
     mid = 0.5 * (samples.t_starts + samples.t_ends)
     points = origins[samples.ray_indices] + mid[:, None] * dirs[samples.ray_indices]
     assert bool(((points >= lo - 1e-6) & (points <= hi + 1e-6)).all())
+
+
+def test_two_level_marching_gives_the_dense_marchings_samples():
+    """Stretches tested against the dilated occupancy, then steps cell by cell: exactly the samples of the dense
+    [rays, steps] table, for random blobs of occupied cells and stratified offsets."""
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    grid = OccupancyGrid(BOX, resolution=24, warmup_steps=10)
+    centres = (torch.rand(4, 3, generator=gen) * 2 - 1) * 0.7
+    radii = 0.05 + 0.2 * torch.rand(4, generator=gen)
+    grid.update(0, lambda p: ((p[:, None] - centres).norm(dim=-1) < radii).any(-1).float() * 5.0)
+    assert 0.0 < grid.occupied_fraction() < 0.5
+    origins, dirs = _random_rays(300, gen)
+    step = 0.013  # 6 steps per cell of 2/24
+    assert grid._steps_per_stretch(step) == 6
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    torch.manual_seed(seed)
+    two_level = grid.sample(origins, dirs, step_size=step, stratified=True, chunk_samples=5000)
+    grid._steps_per_stretch = lambda step_size: 1  # the dense table
+    torch.manual_seed(seed)
+    dense = grid.sample(origins, dirs, step_size=step, stratified=True, chunk_samples=5000)
+    assert dense.ray_indices.numel() > 100
+    assert torch.equal(two_level.ray_indices, dense.ray_indices)
+    assert torch.equal(two_level.t_starts, dense.t_starts) and torch.equal(two_level.t_ends, dense.t_ends)
+
+
+def test_derived_occupancy_is_rebuilt_when_a_checkpoint_loads():
+    grid = OccupancyGrid(BOX, resolution=16, warmup_steps=10)
+    grid.update(0, lambda p: ((p - 0.3).norm(dim=-1) < 0.2).float() * 5.0)
+    fresh = OccupancyGrid(BOX, resolution=16, warmup_steps=10)
+    fresh.load_state_dict(grid.state_dict())
+    assert "occupied_aabb" not in grid.state_dict()  # derived, so older checkpoints load too
+    assert torch.equal(fresh.occupied_aabb, grid.occupied_aabb)
+    assert torch.equal(fresh.occupied_dilated, grid.occupied_dilated)

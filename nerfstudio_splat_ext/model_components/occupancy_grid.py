@@ -85,9 +85,13 @@ class OccupancyGrid(nn.Module):
         # Everything starts occupied: nothing is skipped before the first update has looked at the network.
         self.register_buffer("opacity", torch.zeros(cells))
         self.register_buffer("occupied", torch.ones(cells, dtype=torch.bool))
-        # Rays are marched only through the bounding box of the occupied cells (refreshed by `update`): the dense
-        # [rays, steps] candidate table then spans the object, not the whole scene box.
-        self.register_buffer("occupied_aabb", self.aabb.clone())
+        # Derived from `occupied` (not saved; rebuilt by `update` and after loading a checkpoint):
+        # - the bounding box of the occupied cells: rays are marched only through it, not the whole scene box;
+        # - the occupancy dilated by one cell: the coarse pass of `sample` tests it at the centre of each stretch of
+        #   a ray that is at most one cell long, which cannot miss an occupied cell the stretch touches.
+        self.register_buffer("occupied_aabb", self.aabb.clone(), persistent=False)
+        self.register_buffer("occupied_dilated", torch.ones(cells, dtype=torch.bool), persistent=False)
+        self.register_load_state_dict_post_hook(lambda module, incompatible: module._refresh_derived())
 
     # ------------------------------------------------------------------ update
     def _cell_centres(self, indices: Tensor, jitter: bool) -> Tensor:
@@ -120,7 +124,14 @@ class OccupancyGrid(nn.Module):
         self.opacity.copy_(decayed)
         cut = min(self.threshold, float(self.opacity.mean()))
         self.occupied.copy_(self.opacity > cut)
+        self._refresh_derived()
+
+    @torch.no_grad()
+    def _refresh_derived(self) -> None:
+        r = self.resolution
         self.occupied_aabb.copy_(self._occupied_bounds())
+        grid = self.occupied.reshape(1, 1, r, r, r).float()
+        self.occupied_dilated.copy_(torch.nn.functional.max_pool3d(grid, 3, stride=1, padding=1).reshape(-1) > 0)
 
     def _occupied_bounds(self) -> Tensor:
         """Box around the occupied cells, one cell wider on each side (the whole box when nothing is occupied)."""
@@ -144,6 +155,17 @@ class OccupancyGrid(nn.Module):
         ijk = (unit * r).long().clamp(0, r - 1)
         inside = ((unit >= 0) & (unit <= 1)).all(-1)
         return inside & self.occupied[(ijk[..., 0] * r + ijk[..., 1]) * r + ijk[..., 2]]
+
+    def _near_occupied(self, points: Tensor) -> Tensor:
+        """True where the cell of ``points`` (clamped into the grid) or one of its 26 neighbours is occupied."""
+        r = self.resolution
+        ijk = ((points - self.aabb[0]) / (self.aabb[1] - self.aabb[0]) * r).long().clamp(0, r - 1)
+        return self.occupied_dilated[(ijk[..., 0] * r + ijk[..., 1]) * r + ijk[..., 2]]
+
+    def _steps_per_stretch(self, step_size: float) -> int:
+        """Fine steps per coarse stretch: as many as fit in the smallest cell side (at least 1)."""
+        cell = float(((self.aabb[1] - self.aabb[0]) / self.resolution).min())
+        return max(1, int(cell / step_size))
 
     @torch.no_grad()
     def sample(
@@ -175,7 +197,8 @@ class OccupancyGrid(nn.Module):
         counts = torch.where(hits, torch.ceil(length / step_size - offset + 0.5), torch.zeros_like(t_near)).long()
         max_steps = int(counts.max()) if num_rays else 0
         ray_idx_list, start_list, end_list = [], [], []
-        if max_steps > 0:
+        m = self._steps_per_stretch(step_size)
+        if max_steps > 0 and m == 1:
             # Rays in groups, so that the dense [rays, steps] candidate table stays within chunk_samples entries.
             group = max(1, chunk_samples // max_steps)
             k = torch.arange(max_steps, device=device, dtype=origins.dtype)
@@ -189,6 +212,32 @@ class OccupancyGrid(nn.Module):
                 keep = valid & self._occupied_at(origins[sl, None] + mid[..., None] * directions[sl, None])
                 rows, cols = torch.nonzero(keep, as_tuple=True)
                 ray_idx_list.append(rows + start)
+                start_list.append(lo[rows, cols])
+                end_list.append(hi[rows, cols])
+        elif max_steps > 0:
+            # Two levels, the same samples as the dense table above with a fraction of its work: stretches of m
+            # steps (at most one cell long) are tested against the dilated occupancy at their centre, then only
+            # the steps of the kept stretches are tested cell by cell.
+            stretches = -(-max_steps // m)
+            j = torch.arange(stretches, device=device, dtype=origins.dtype)
+            fine = torch.arange(m, device=device)
+            group = max(1, chunk_samples // stretches)
+            for start in range(0, num_rays, group):
+                sl = slice(start, start + group)
+                centre = t_near[sl, None] + (j[None] * m + offset[sl, None] - 0.5 + 0.5 * m) * step_size
+                near = (j[None] * m < counts[sl, None]) & self._near_occupied(
+                    origins[sl, None] + centre[..., None] * directions[sl, None])
+                rows_c, cols_c = torch.nonzero(near, as_tuple=True)
+                rays = (rows_c + start)[:, None].expand(-1, m)  # [n, m]
+                k = (cols_c[:, None] * m + fine[None]).to(origins.dtype)
+                base = t_near[rays] + (k + offset[rays]) * step_size
+                lo = torch.maximum(base - 0.5 * step_size, t_near[rays])
+                hi = torch.minimum(base + 0.5 * step_size, t_far[rays])
+                mid = 0.5 * (lo + hi)
+                valid = (k < counts[rays]) & (hi > lo)
+                keep = valid & self._occupied_at(origins[rays] + mid[..., None] * directions[rays])
+                rows, cols = torch.nonzero(keep, as_tuple=True)
+                ray_idx_list.append(rays[rows, cols])
                 start_list.append(lo[rows, cols])
                 end_list.append(hi[rows, cols])
         if ray_idx_list:
