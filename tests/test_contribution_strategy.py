@@ -150,3 +150,65 @@ def test_fill_budget_grows_to_the_allowance_from_positive_contributors_only():
         assert added == len(positive) and set(parents) == positive  # every positive contributor, nothing else
         parents, added, _ = _grow_without_gradient_candidates(False, seed)
         assert added == 0 and not parents
+
+
+def _measured_state(s, params, scores_per_pass, weight=None):
+    """Strategy state after len(scores_per_pass) contribution passes with the given [passes, N] scores."""
+    n = params["means"].shape[0]
+    state = s.initialize_state(1.0)
+    state["n_initial"] = n
+    state["grad2d"] = torch.zeros(n)
+    state["count"] = torch.ones(n)
+    state["contrib_sum"] = scores_per_pass.sum(0)
+    state["contrib_sq"] = (scores_per_pass**2).sum(0)
+    state["contrib_views"] = torch.full((n,), float(scores_per_pass.shape[0]))
+    state["contrib_weight"] = torch.ones(n) if weight is None else weight
+    return state
+
+
+def test_significance_test_keeps_noisy_scores_and_prunes_consistent_ones():
+    """Two Gaussians with the same mean score (well below -mean |score|): one consistently negative in every pass, one
+    whose passes disagree. Only the consistent one is pruned with prune_contribution_z; both without it."""
+    params, optimizers = _tagged_scene(n_hot_small=0, n_hot_big=0, n_dead=0, n_plain=20)
+    passes = torch.full((8, 20), 0.01)
+    passes[:, 1::2] = -0.01  # background: half slightly positive, half slightly negative, all consistent
+    passes[:, 0] = -0.05  # consistent gain from removing 0
+    passes[:, 2] = torch.tensor([0.5, -0.6] * 4)  # same mean as 0, but noisy
+    for z, expected in ((None, {0, 2}), (2.0, {0})):
+        s = ContributionStrategy(kind="contribution", prune_contribution_z=z, prune_contribution_ratio=1.0)
+        p = {k: torch.nn.Parameter(v.detach().clone()) for k, v in params.items()}
+        o = {k: torch.optim.Adam([p[k]], lr=1e-3) for k in p}
+        tags = torch.arange(20, dtype=torch.float32)
+        with torch.no_grad():
+            p["features_rest"][:, 0, 0] = tags
+        state = _measured_state(s, p, passes)
+        s._prune(p, o, state, step=1000)
+        kept = set(p["features_rest"].detach()[:, 0, 0].round().long().tolist())
+        assert set(range(20)) - kept == expected, (z, set(range(20)) - kept)
+
+
+def test_swap_makes_room_for_gradient_candidates_at_the_cap():
+    """At the cap, swap_fraction removes the least visible Gaussians (never a gradient candidate) so that the
+    candidates can grow; the count stays at the cap."""
+    cap = 32
+    s = ContributionStrategy(kind="contribution", max_gaussians=cap, refine_start_iter=2, refine_stop_iter=200,
+                             refine_every=2, reset_every=1000, budget_ramp_until=10, swap_fraction=0.25,
+                             fill_budget=False)
+    params, optimizers = _tagged_scene(n_hot_small=6, n_hot_big=0, n_dead=0, n_plain=26)
+    n = params["means"].shape[0]
+    assert n == cap
+    with torch.no_grad():
+        params["features_rest"][:, 0, 1] = torch.arange(n, dtype=torch.float32)  # identity
+    weight = torch.linspace(1.0, 2.0, n)
+    state = _measured_state(s, params, torch.full((4, n), 0.01), weight=weight)
+    state["grad2d"][:6] = 1.0  # the hot ones are the candidates
+    weight[:6] = 0.0  # ... and the least visible: candidates are never swapped out
+    s._refine(params, optimizers, state, step=20)
+    n_after = check_layout(params, optimizers, state)
+    ids = params["features_rest"].detach()[:, 0, 1].round().long()
+    assert n_after == cap
+    # the 6 candidates grew (each appears twice), the 6 least visible plain ones (6..11) went
+    assert all(int((ids == i).sum()) == 2 for i in range(6))
+    assert not any(int((ids == i).sum()) for i in range(6, 12))
+    assert all(int((ids == i).sum()) == 1 for i in range(12, n))
+
