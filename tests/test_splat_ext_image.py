@@ -19,7 +19,7 @@ from nerfstudio_splat_ext.generative.data.datamanager import MultiObjectDataMana
 from nerfstudio_splat_ext.generative.data.generator import ObjectDatasetSpec, ObjectRenderSpec, generate_dataset
 from nerfstudio_splat_ext.generative.pipeline import composite
 from nerfstudio_splat_ext.generative.pixel_gaussians import GAUSSIAN_MAP_CHANNELS
-from nerfstudio_splat_ext.models import splat_ext_image as image_module
+from nerfstudio_splat_ext.utils import lpips as lpips_utils
 from nerfstudio_splat_ext.models.splat_ext_image import SplatExtImageModelConfig
 
 BIN = Path(sys.executable).parent
@@ -101,7 +101,7 @@ def test_lpips_loss_when_its_network_loads(objects: Path, monkeypatch):
     def unavailable():
         raise RuntimeError("no network")
 
-    monkeypatch.setattr(image_module, "build_lpips_network", unavailable)
+    monkeypatch.setattr(lpips_utils, "build_lpips_network", unavailable)
     model = tiny_model(lpips_loss_weight=0.5)
     with pytest.warns(UserWarning, match="LPIPS loss skipped"):
         assert set(model.get_loss_dict(model.forward_batch(batch, 0), batch)) == {"rgb_loss"}
@@ -110,7 +110,7 @@ def test_lpips_loss_when_its_network_loads(objects: Path, monkeypatch):
         assert set(model.get_loss_dict(model.forward_batch(batch, 1), batch)) == {"rgb_loss"}
     # with a network (torchmetrics' LPIPS heads on an untrained AlexNet, which needs no download): a weighted,
     # differentiable term that is not stored in the checkpoint
-    monkeypatch.setattr(image_module, "build_lpips_network", lambda: _LPIPS(net="alex", pnet_rand=True).eval())
+    monkeypatch.setattr(lpips_utils, "build_lpips_network", lambda: _LPIPS(net="alex", pnet_rand=True).eval())
     model = tiny_model(lpips_loss_weight=0.5)
     losses = model.get_loss_dict(model.forward_batch(batch, 0), batch)
     assert set(losses) == {"rgb_loss", "lpips_loss"} and losses["lpips_loss"] > 0

@@ -17,6 +17,7 @@ views of an object, then over objects.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from time import perf_counter
@@ -32,6 +33,7 @@ from torch import Tensor
 from nerfstudio_splat_ext.generative.data.datamanager import MultiObjectDataManagerConfig
 from nerfstudio_splat_ext.generative.pixel_gaussians import render_pixel_gaussians
 from nerfstudio_splat_ext.losses.ssim import ssim as ssim_fn
+from nerfstudio_splat_ext.utils import lpips as lpips_utils
 from nerfstudio_splat_ext.utils.lpips import LazyLPIPS
 
 
@@ -63,6 +65,27 @@ class ObjectsModel(Model):
 
     def get_image_metrics_and_images(self, outputs, batch):  # type: ignore[override]
         raise NotImplementedError(f"evaluation of {self.method_name} runs in ObjectsPipeline.evaluate_object")
+
+    def _lpips(self, pred: Tensor, gt: Tensor) -> Optional[Tensor]:
+        """Differentiable LPIPS (mean) of [B, V, H, W, 3] images for the training loss, or None (with one warning)
+        when its network weights cannot be loaded."""
+        if self.__dict__.get("_lpips_skipped") is not None:
+            return None
+        net = self.__dict__.get("_lpips_net")
+        if net is None:
+            try:
+                net = lpips_utils.build_lpips_network()
+            except Exception as err:  # offline: torchvision cannot download the AlexNet weights
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                self.__dict__["_lpips_skipped"] = (
+                    f"{self.method_name}: LPIPS loss skipped, its weights could not be loaded ({first[:160]})")
+                warnings.warn(self.__dict__["_lpips_skipped"], stacklevel=2)
+                return None
+        # kept out of the module tree (no nn.Module attribute), so checkpoints never hold LPIPS weights
+        net = net.to(pred.device)
+        self.__dict__["_lpips_net"] = net
+        p = pred.flatten(0, 1).permute(0, 3, 1, 2).clamp(0, 1)
+        return net(p, gt.flatten(0, 1).permute(0, 3, 1, 2), normalize=True).mean()
 
 
 @dataclass

@@ -18,7 +18,6 @@ The teacher is loaded from its nerfstudio run (``teacher_config``: the run's con
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Literal, Optional, Tuple, Type
@@ -34,7 +33,6 @@ from nerfstudio_splat_ext.generative.diffusion.denoiser import GaussianMapDenois
 from nerfstudio_splat_ext.generative.diffusion.schedule import DiffusionSchedule, ddim_timesteps
 from nerfstudio_splat_ext.generative.networks.unet import count_parameters
 from nerfstudio_splat_ext.generative.pipeline import ObjectsModel, composite, psnr
-from nerfstudio_splat_ext.models.splat_ext_image import build_lpips_network
 from nerfstudio_splat_ext.generative.pixel_gaussians import (
     GaussianMapConfig,
     PixelGaussians,
@@ -175,7 +173,6 @@ class SplatExtDiffusionModel(ObjectsModel):
                 f"{self.teacher_parameter_count}; lower --pipeline.model.denoiser-base-width (or leave it unset to fit)"
             )
         self.register_buffer("background", teacher.background.detach().clone().float())
-        self._lpips_skipped: Optional[str] = None
 
     def _init_output_layer(self, teacher) -> None:
         # Start near the teacher's output bias (its average map: at its init, a plane of faint small Gaussians) with
@@ -331,25 +328,6 @@ class SplatExtDiffusionModel(ObjectsModel):
         if "cycle_rgb" in outputs:
             losses["cycle_loss"] = cfg.cycle_loss_weight * F.mse_loss(outputs["cycle_rgb"], outputs["source_rgb"])
         return losses
-
-    def _lpips(self, pred: Tensor, gt: Tensor) -> Optional[Tensor]:
-        """Differentiable mean LPIPS of [B, V, H, W, 3] renders, or None (one warning) when its weights cannot load."""
-        if self._lpips_skipped is not None:
-            return None
-        net = self.__dict__.get("_lpips_net")
-        if net is None:
-            try:
-                net = build_lpips_network()
-            except Exception as err:  # offline: torchvision cannot download the AlexNet weights
-                first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-                self._lpips_skipped = f"splat-ext-diffusion: LPIPS loss skipped, its weights could not be loaded ({first[:160]})"
-                warnings.warn(self._lpips_skipped, stacklevel=2)
-                return None
-        # kept out of the module tree (not an nn.Module attribute), so checkpoints never hold LPIPS weights
-        net = net.to(pred.device)
-        self.__dict__["_lpips_net"] = net
-        p = pred.flatten(0, 1).permute(0, 3, 1, 2).clamp(0, 1)
-        return net(p, gt.flatten(0, 1).permute(0, 3, 1, 2), normalize=True).mean()
 
     def get_metrics_dict(self, outputs: Dict, batch: Dict) -> Dict[str, Tensor]:
         """PSNR of the final renders at the target views (and of the teacher's, with log_teacher_psnr), the cycle's

@@ -16,7 +16,6 @@ predicts in the camera frame instead; our map format fixes the world frame so th
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Literal, Optional, Tuple, Type
 
@@ -111,7 +110,6 @@ class SplatExtImageModel(ObjectsModel):
         self._init_output_layer()
         colour = torch.ones(3) if cfg.background_color == "white" else torch.zeros(3)
         self.register_buffer("background", colour)
-        self._lpips_skipped: Optional[str] = None
 
     def _init_output_layer(self) -> None:
         cfg, m = self.config, self.config.map
@@ -224,35 +222,3 @@ class SplatExtImageModel(ObjectsModel):
                 loss["lpips_loss"] = cfg.lpips_loss_weight * lp
         return loss
 
-    def _lpips(self, pred: Tensor, gt: Tensor) -> Optional[Tensor]:
-        """Differentiable LPIPS (mean) of [B, V, H, W, 3] images, or None (with one warning) when its network
-        weights cannot be loaded."""
-        if self._lpips_skipped is not None:
-            return None
-        net = self.__dict__.get("_lpips_net")
-        if net is None:
-            try:
-                net = build_lpips_network()
-            except Exception as err:  # offline: torchvision cannot download the AlexNet weights
-                first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-                self._lpips_skipped = f"splat-ext-image: LPIPS loss skipped, its weights could not be loaded ({first[:160]})"
-                warnings.warn(self._lpips_skipped, stacklevel=2)
-                return None
-            # kept out of the module tree (no nn.Module attribute), so checkpoints never hold LPIPS weights
-            self.__dict__["_lpips_net"] = net
-        net = net.to(pred.device)
-        self.__dict__["_lpips_net"] = net
-        p = pred.flatten(0, 1).permute(0, 3, 1, 2).clamp(0, 1)
-        g = gt.flatten(0, 1).permute(0, 3, 1, 2)
-        return net(p, g, normalize=True).mean()
-
-
-def build_lpips_network() -> torch.nn.Module:
-    """torchmetrics' LPIPS network (AlexNet features + learned linear heads), frozen; its forward
-    ``(img1, img2, normalize=True)`` on [N, 3, H, W] images in [0, 1] is differentiable w.r.t. the images.
-    Raises when the AlexNet weights cannot be loaded (no internet and no cached copy)."""
-    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
-
-    net = LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True).net
-    net.requires_grad_(False)
-    return net.eval()

@@ -46,3 +46,14 @@ class LazyLPIPS:
         self._metric = self._metric.to(img1.device)
         with torch.no_grad():
             return float(self._metric(img1.clamp(0, 1), img2.clamp(0, 1)))
+
+
+def build_lpips_network() -> torch.nn.Module:
+    """torchmetrics' LPIPS network (AlexNet features + learned linear heads), frozen; its forward
+    ``(img1, img2, normalize=True)`` on [N, 3, H, W] images in [0, 1] is differentiable w.r.t. the images.
+    Raises when the AlexNet weights cannot be loaded (no internet and no cached copy)."""
+    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+    net = LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True).net
+    net.requires_grad_(False)
+    return net.eval()
