@@ -45,6 +45,38 @@ def build_trainer(data: Path, flags: str, out_dir: Path):
     return trainer
 
 
+def torch_profile(step, first: int, n: int, table_path: Path) -> dict:
+    """Records n steps: wall time, summed GPU kernel time (busy) and the ops that take it, to tell a step bound
+    by the GPU from one bound by kernel launches and host synchronisations."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for i in range(first, first + n):
+            step(i)
+        sync()
+        wall = time.perf_counter() - t0
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_us = sum(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total for e in kernels)
+    averages = prof.key_averages()
+    key = "device_time_total" if hasattr(averages[0], "device_time_total") else "cuda_time_total"
+    table_path.write_text(
+        averages.table(sort_by=key, row_limit=45) + "\n\n" + averages.table(sort_by="cpu_time_total", row_limit=45)
+    )
+    launches = sum(1 for e in prof.events() if "cudaLaunchKernel" in e.name or "cuLaunchKernel" in e.name)
+    syncs = sum(1 for e in prof.events() if "Synchronize" in e.name)
+    return {
+        "steps": n,
+        "wall_ms_per_step": 1000.0 * wall / n,
+        "gpu_kernel_ms_per_step": busy_us / 1000.0 / n,
+        "kernels_per_step": len(kernels) / n,
+        "launch_calls_per_step": launches / n,
+        "sync_calls_per_step": syncs / n,
+        "ops_table": str(table_path),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True)
@@ -53,6 +85,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--flags", default="", help="ns-train flags of splat-ext-nerf")
     parser.add_argument("--label", default="default")
+    parser.add_argument("--torch-profile", type=int, default=0,
+                        help="also record this many steps with torch.profiler: GPU busy time per step and the top ops")
     args = parser.parse_args()
 
     from nerfstudio.engine.callbacks import TrainingCallbackLocation
@@ -153,6 +187,9 @@ def main() -> None:
         "occupied_fraction": grid.occupied_fraction(),
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0,
     }
+    if args.torch_profile:
+        result["torch_profile"] = torch_profile(step, args.warmup + 2 * args.steps, args.torch_profile,
+                                                args.out.with_suffix(".ops.txt"))
     print(json.dumps(result, indent=1), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

@@ -96,6 +96,9 @@ def test_volume_rendering_of_a_homogeneous_box_is_analytic(fast_path):
 
 
 def test_training_step_reduces_the_loss_on_a_fixed_batch():
+    # The network's initial weights come from the global generator: seed it, so that the outcome does not depend
+    # on which tests ran before.
+    torch.manual_seed(0)
     model = _model()
     model.train()
     rays = _rays(32)
@@ -171,3 +174,23 @@ def test_random_training_background_composites_target_and_render_over_the_same_c
         fixed = model.get_loss_dict(out, {"image": image})
         white_gt = image[:, :3] * image[:, 3:] + (1 - image[:, 3:])
         torch.testing.assert_close(fixed["rgb_loss_fine"], torch.mean((out["rgb"] - white_gt) ** 2))
+
+
+def test_softplus_density_keeps_a_gradient_where_relu_has_none():
+    # A density head pushed far negative (what happens when a run loses all density): ReLU passes no gradient, so
+    # the run cannot recover; softplus still does.
+    torch.manual_seed(0)
+    x = torch.rand(64, 3) * 2 - 1
+    grads = {}
+    for activation in ("relu", "softplus"):
+        mlp = NeRFMLP(depth=2, width=16, skip=4, color_width=8, density_activation=activation)
+        with torch.no_grad():
+            mlp.density_head.bias.fill_(-30.0)
+        sigma = mlp.density(x)
+        assert (sigma >= 0).all()
+        sigma.sum().backward()
+        grads[activation] = mlp.density_head.bias.grad.abs().item()
+    assert grads["relu"] == 0.0
+    assert grads["softplus"] > 0.0
+    with pytest.raises(ValueError, match="density_activation"):
+        NeRFMLP(density_activation="exp")

@@ -45,8 +45,12 @@ class NeRFMLP(nn.Module):
         width: int = 256,
         skip: int = 4,
         color_width: int = 128,
+        density_activation: str = "relu",
     ) -> None:
         super().__init__()
+        if density_activation not in ("relu", "softplus"):
+            raise ValueError(f"density_activation must be 'relu' or 'softplus', got {density_activation!r}")
+        self.density_activation = density_activation
         self.pos_enc = PositionalEncoding(3, pos_frequencies)
         self.dir_enc = PositionalEncoding(3, dir_frequencies)
         self.skip = skip
@@ -72,14 +76,21 @@ class NeRFMLP(nn.Module):
             h = torch.relu(layer(h))
         return h
 
+    def _activate_density(self, raw: torch.Tensor) -> torch.Tensor:
+        # 'relu' is the paper's. 'softplus' (shifted by -1, as Mip-NeRF) keeps a gradient where the density is
+        # near zero, so a run cannot lose all density early and never recover (a dead ReLU everywhere).
+        if self.density_activation == "softplus":
+            return torch.nn.functional.softplus(raw - 1.0)
+        return torch.relu(raw)
+
     def density(self, positions: torch.Tensor) -> torch.Tensor:
-        """Volume density (ReLU of the raw output, as the paper), [..., 1]."""
-        return torch.relu(self.density_head(self._trunk(positions)))
+        """Volume density [..., 1]."""
+        return self._activate_density(self.density_head(self._trunk(positions)))
 
     def forward(self, positions: torch.Tensor, directions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """positions, directions (unit): [..., 3] -> density [..., 1], rgb [..., 3]."""
         h = self._trunk(positions)
-        sigma = torch.relu(self.density_head(h))
+        sigma = self._activate_density(self.density_head(h))
         h = torch.cat([self.feature(h), self.dir_enc(directions)], dim=-1)
         rgb = torch.sigmoid(self.color_out(torch.relu(self.color_hidden(h))))
         return sigma, rgb

@@ -47,6 +47,9 @@ class SplatExtNerfModelConfig(ModelConfig):
     mlp_skip: int = 4
     """The encoded position re-enters at this trunk layer (0-based; 4 = the paper's fifth layer)."""
     color_width: int = 128
+    density_activation: Literal["relu", "softplus"] = "relu"
+    """'relu': the paper's. 'softplus' (of the raw output minus 1): never exactly zero, so the density keeps a
+    gradient everywhere and the occupancy grid cannot empty out early in a run."""
     background_color: Literal["auto", "white", "black"] = "auto"
     """'auto': the dataset's alpha colour (white for Blender data), else black."""
     train_background: Literal["random", "fixed"] = "fixed"
@@ -84,6 +87,7 @@ class SplatExtNerfModel(Model):
             width=cfg.mlp_width,
             skip=cfg.mlp_skip,
             color_width=cfg.color_width,
+            density_activation=cfg.density_activation,
         )
         self.field_coarse = NeRFMLP(**mlp)
         self.field_fine = NeRFMLP(**mlp)
@@ -199,8 +203,10 @@ class SplatExtNerfModel(Model):
         rgb_out = accumulate(rgb.float(), weights, samples)
         acc = accumulate(torch.ones_like(weights)[:, None], weights, samples)
         depth = accumulate(t_mid[:, None], weights, samples) / acc.clamp(min=1e-10)
-        rgb_out = rgb_out + (1.0 - acc) * torch.as_tensor(self.renderer_rgb.background_color).to(rgb_out)
-        counts = torch.bincount(samples.ray_indices, minlength=samples.num_rays)
+        rgb_out = rgb_out + (1.0 - acc) * self._background(rgb_out)
+        # index_add, not bincount: bincount on CUDA reads the maximum back to the host (a sync every step).
+        counts = torch.zeros(samples.num_rays, dtype=torch.long, device=rgb_out.device).index_add_(
+            0, samples.ray_indices, torch.ones_like(samples.ray_indices))
         shape = ray_bundle.origins.shape[:-1]
         return {
             "rgb": rgb_out.reshape(*shape, 3),
@@ -210,16 +216,27 @@ class SplatExtNerfModel(Model):
         }
 
     # ------------------------------------------------------------ losses, eval
+    def _background(self, like: torch.Tensor) -> torch.Tensor:
+        """The fixed background colour on the device of ``like``, copied there once (not at every step)."""
+        cached = getattr(self, "_background_cache", None)
+        if cached is None or cached.device != like.device or cached.dtype != like.dtype:
+            cached = torch.as_tensor(self.renderer_rgb.background_color).to(like)
+            self._background_cache = cached
+        return cached
+
     def _gt(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
         image = batch["image"].to(self.device)
-        return self.renderer_rgb.blend_background(image)
+        if image.shape[-1] < 4:
+            return image
+        alpha = image[..., 3:]
+        return image[..., :3] * alpha + (1.0 - alpha) * self._background(image)
 
     def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, torch.Tensor]:
         image = batch["image"].to(self.device)
         if self.training and self.config.train_background == "random" and image.shape[-1] == 4:
             # Renders are linear in the background: C = C_obj + (1 - acc) bg, so swapping the fixed colour for a
             # random one per ray is exact for the coarse and the fine render alike.
-            fixed = torch.as_tensor(self.renderer_rgb.background_color).to(image)
+            fixed = self._background(image)
             shift = torch.rand(image.shape[0], 3, device=image.device) - fixed
             alpha = image[:, 3:]
             gt = image[:, :3] * alpha + (1.0 - alpha) * (fixed + shift)
@@ -234,7 +251,11 @@ class SplatExtNerfModel(Model):
         return losses
 
     def get_metrics_dict(self, outputs, batch) -> Dict[str, torch.Tensor]:
-        metrics = {"psnr": self.psnr(outputs["rgb"], self._gt(batch))}
+        # The batch PSNR from its MSE: torchmetrics' stateful metric adds a dozen kernels to every training step,
+        # for a number that is only logged now and then.
+        with torch.no_grad():
+            mse = torch.mean((outputs["rgb"].detach().float() - self._gt(batch)) ** 2)
+            metrics = {"psnr": -10.0 * torch.log10(mse.clamp(min=1e-10))}
         if "num_samples_per_ray" in outputs:
             metrics["num_samples_per_batch"] = outputs["num_samples_per_ray"].sum()
         return metrics
