@@ -194,3 +194,26 @@ def test_softplus_density_keeps_a_gradient_where_relu_has_none():
     assert grads["softplus"] > 0.0
     with pytest.raises(ValueError, match="density_activation"):
         NeRFMLP(density_activation="exp")
+
+
+def test_a_run_that_loses_all_density_is_reported_once(capsys):
+    from nerfstudio.engine.callbacks import TrainingCallbackAttributes
+
+    def grid_callback(model):
+        return model.get_training_callbacks(TrainingCallbackAttributes(None, None, None, None))[0]
+
+    # A live network: the grid keeps cells, nothing is said.
+    torch.manual_seed(0)
+    live = _model(fast_path="on", grid_resolution=8)
+    grid_callback(live).run_callback(0)
+    assert live.occupancy_grid.occupied.any()
+    assert "occupancy grid is empty" not in capsys.readouterr().out
+    # Zero density everywhere (a dead ReLU): the grid empties, and the user is told what to do, once.
+    dead = _model(fast_path="on", grid_resolution=8)
+    dead.field_fine.density = lambda positions: torch.zeros(*positions.shape[:-1], 1)
+    callback = grid_callback(dead)
+    for step in range(0, 10 * dead.config.grid_update_every, dead.config.grid_update_every):
+        callback.run_callback(step)
+    assert not dead.occupancy_grid.occupied.any()
+    out = capsys.readouterr().out
+    assert out.count("occupancy grid is empty") == 1 and "density-activation softplus" in out

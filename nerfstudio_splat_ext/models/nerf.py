@@ -144,8 +144,23 @@ class SplatExtNerfModel(Model):
         def update_grid(step: int) -> None:
             if step % self.config.grid_update_every == 0:
                 self.occupancy_grid.update(step, lambda x: self._fine_density(x) * self.render_step_size)
+                self._warn_if_density_lost(step)
 
         return [TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], update_grid)]
+
+    def _warn_if_density_lost(self, step: int) -> None:
+        """An empty grid means the network predicts zero density everywhere it was probed: with the ReLU density
+        that is a dead unit with no gradient, and the run renders only background from then on. Say so once."""
+        if getattr(self, "_warned_density_lost", False) or bool(self.occupancy_grid.occupied.any()):
+            return
+        self._warned_density_lost = True
+        from nerfstudio.utils.rich_utils import CONSOLE
+
+        CONSOLE.print(
+            f"[bold yellow]splat-ext-nerf: the occupancy grid is empty at step {step}: the network predicts no density "
+            "anywhere, and with the ReLU density it cannot recover. Restart the run, or train with "
+            "--pipeline.model.density-activation softplus, which keeps a gradient at zero density."
+        )
 
     # ----------------------------------------------------------------- rendering
     def _render(self, rgb: torch.Tensor, weights: torch.Tensor, ray_samples, **packed) -> Tuple[torch.Tensor, ...]:
