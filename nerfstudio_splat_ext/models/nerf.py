@@ -95,6 +95,9 @@ class SplatExtNerfModel(Model):
         self.sampler_pdf = PDFSampler(num_samples=cfg.num_importance_samples, include_original=True)
         background = resolve_background(cfg.background_color, self.kwargs.get("metadata"))
         self.renderer_rgb = RGBRenderer(background_color=background)
+        # The same colour as a (non-saved) buffer: it follows the model to the device, so no step copies it there.
+        self.register_buffer("background_rgb", background.clone().float(), persistent=False)
+        self._warned_density_lost = False
         self.renderer_accumulation = AccumulationRenderer()
         self.renderer_depth = DepthRenderer(method="expected")
 
@@ -151,7 +154,7 @@ class SplatExtNerfModel(Model):
     def _warn_if_density_lost(self, step: int) -> None:
         """An empty grid means the network predicts zero density everywhere it was probed: with the ReLU density
         that is a dead unit with no gradient, and the run renders only background from then on. Say so once."""
-        if getattr(self, "_warned_density_lost", False) or bool(self.occupancy_grid.occupied.any()):
+        if self._warned_density_lost or bool(self.occupancy_grid.occupied.any()):
             return
         self._warned_density_lost = True
         from nerfstudio.utils.rich_utils import CONSOLE
@@ -218,7 +221,7 @@ class SplatExtNerfModel(Model):
         rgb_out = accumulate(rgb.float(), weights, samples)
         acc = accumulate(torch.ones_like(weights)[:, None], weights, samples)
         depth = accumulate(t_mid[:, None], weights, samples) / acc.clamp(min=1e-10)
-        rgb_out = rgb_out + (1.0 - acc) * self._background(rgb_out)
+        rgb_out = rgb_out + (1.0 - acc) * self.background_rgb
         # index_add, not bincount: bincount on CUDA reads the maximum back to the host (a sync every step).
         counts = torch.zeros(samples.num_rays, dtype=torch.long, device=rgb_out.device).index_add_(
             0, samples.ray_indices, torch.ones_like(samples.ray_indices))
@@ -231,27 +234,16 @@ class SplatExtNerfModel(Model):
         }
 
     # ------------------------------------------------------------ losses, eval
-    def _background(self, like: torch.Tensor) -> torch.Tensor:
-        """The fixed background colour on the device of ``like``, copied there once (not at every step)."""
-        cached = getattr(self, "_background_cache", None)
-        if cached is None or cached.device != like.device or cached.dtype != like.dtype:
-            cached = torch.as_tensor(self.renderer_rgb.background_color).to(like)
-            self._background_cache = cached
-        return cached
-
     def _gt(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
         image = batch["image"].to(self.device)
-        if image.shape[-1] < 4:
-            return image
-        alpha = image[..., 3:]
-        return image[..., :3] * alpha + (1.0 - alpha) * self._background(image)
+        return self.renderer_rgb.blend_background(image, background_color=self.background_rgb)
 
     def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, torch.Tensor]:
         image = batch["image"].to(self.device)
         if self.training and self.config.train_background == "random" and image.shape[-1] == 4:
             # Renders are linear in the background: C = C_obj + (1 - acc) bg, so swapping the fixed colour for a
             # random one per ray is exact for the coarse and the fine render alike.
-            fixed = self._background(image)
+            fixed = self.background_rgb
             shift = torch.rand(image.shape[0], 3, device=image.device) - fixed
             alpha = image[:, 3:]
             gt = image[:, :3] * alpha + (1.0 - alpha) * (fixed + shift)
