@@ -77,6 +77,27 @@ def torch_profile(step, first: int, n: int, table_path: Path) -> dict:
     }
 
 
+def sync_sites(step, first: int, n: int) -> dict:
+    """Runs n steps with torch's CUDA sync debug mode on and counts, per Python call site (file:line), the
+    operations that made the host wait for the GPU."""
+    import warnings
+    from collections import Counter
+
+    sites: Counter = Counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for i in range(first, first + n):
+                step(i)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        if "synchroniz" in str(w.message).lower():
+            sites[f"{Path(w.filename).name}:{w.lineno}"] += 1
+    return {site: count / n for site, count in sites.most_common(25)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True)
@@ -85,6 +106,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--flags", default="", help="ns-train flags of splat-ext-nerf")
     parser.add_argument("--label", default="default")
+    parser.add_argument("--sync-sites", type=int, default=0,
+                        help="also run this many steps in CUDA sync debug mode: host synchronisations per call site")
     parser.add_argument("--torch-profile", type=int, default=0,
                         help="also record this many steps with torch.profiler: GPU busy time per step and the top ops")
     args = parser.parse_args()
@@ -111,12 +134,15 @@ def main() -> None:
     warmup_s = time.time() - t0
 
     # 1. plain steps
+    graphs = model._graphed_fine
+    captures_before = graphs.captures if graphs is not None else 0
     sync()
     t0 = time.time()
     for i in range(args.warmup, args.warmup + args.steps):
         step(i)
     sync()
     plain_s = (time.time() - t0) / args.steps
+    captures_timed = (graphs.captures if graphs is not None else 0) - captures_before
 
     # 2. the same with synchronised stage timers (monkeypatched wrappers)
     totals = defaultdict(float)
@@ -186,10 +212,15 @@ def main() -> None:
         "kept_samples_per_ray": counts["kept"] / max(counts["rays"], 1),
         "occupied_fraction": grid.occupied_fraction(),
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0,
+        "cuda_graph_captures": graphs.captures if graphs is not None else 0,
+        "cuda_graph_captures_in_plain_steps": captures_timed,
     }
     if args.torch_profile:
         result["torch_profile"] = torch_profile(step, args.warmup + 2 * args.steps, args.torch_profile,
                                                 args.out.with_suffix(".ops.txt"))
+    if args.sync_sites:
+        first = args.warmup + 2 * args.steps + args.torch_profile
+        result["syncs_per_step_by_site"] = sync_sites(step, first, args.sync_sites)
     print(json.dumps(result, indent=1), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

@@ -101,8 +101,9 @@ class FusedAdamOptimizerConfig(AdamOptimizerConfig):
     fused: bool = True
 
 
-# What one H200 runs in about 9 minutes (31.5k steps in 540 s on lego); the learning rate decays over exactly this.
-NERF_MAX_STEPS = 30_000
+# About what one H200 runs in 9 minutes on lego (13.3 ms per step with CUDA graphs, BENCHMARKS 00000); the learning
+# rate decays over exactly this.
+NERF_MAX_STEPS = 40_000
 
 
 def splat_ext_nerf_trainer_config() -> SplatExtTrainerConfig:

@@ -1,12 +1,19 @@
-"""nerfstudio's Trainer with crash-safe checkpoints.
+"""nerfstudio's Trainer with crash-safe checkpoints and a training iteration without host synchronisations.
 
 nerfstudio writes `step-N.ckpt` in place: a crash or a full disk during the write leaves a truncated file that
 `--load-dir` then picks as the newest. We write to a temporary file beside the checkpoint folder and rename it
 into place (atomic on POSIX), and only then delete older checkpoints.
+
+nerfstudio's `train_iteration` reads the mixed-precision grad scaler's scale twice per step (two GPU-to-host
+reads, each waiting for the step's kernels) to skip the schedulers on a step the scaler skipped. Ours always steps
+the schedulers: the scaler skips a step only on inf/NaN gradients, a handful of times at the start of fp16 training,
+so the schedule shifts by that many steps of tens of thousands, and the host can queue the next step's work while
+the GPU finishes this one.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,3 +64,20 @@ class SplatExtTrainer(Trainer):
             for old in self.checkpoint_dir.glob("*.ckpt"):
                 if old != ckpt_path:
                     old.unlink()
+
+    def train_iteration(self, step: int):
+        if self.config.log_gradients:  # per-parameter gradient norms: nerfstudio's own loop
+            return super().train_iteration(step)
+        optimizers = self.optimizers
+        every = self.gradient_accumulation_steps
+        groups = list(optimizers.parameters.keys())
+        optimizers.zero_grad_some([g for g in groups if step % every[g] == 0])
+        device_type = self.device.split(":")[0]
+        with torch.autocast(device_type="cpu" if device_type == "mps" else device_type, enabled=self.mixed_precision):
+            _, loss_dict, metrics_dict = self.pipeline.get_train_loss_dict(step=step)
+            loss = functools.reduce(torch.add, loss_dict.values())
+        self.grad_scaler.scale(loss).backward()
+        optimizers.optimizer_scaler_step_some(self.grad_scaler, [g for g in groups if step % every[g] == every[g] - 1])
+        self.grad_scaler.update()
+        optimizers.scheduler_step_all(step)
+        return loss, loss_dict, metrics_dict

@@ -97,7 +97,8 @@ class OccupancyGrid(nn.Module):
         #   a ray that is at most one cell long, which cannot miss an occupied cell the stretch touches.
         self.register_buffer("occupied_aabb", self.aabb.clone(), persistent=False)
         self.register_buffer("occupied_dilated", torch.ones(cells, dtype=torch.bool), persistent=False)
-        self.register_load_state_dict_post_hook(lambda module, incompatible: module._refresh_derived())
+        self._min_cell_side: Optional[float] = None  # host copy, filled on first use
+        self.register_load_state_dict_post_hook(lambda module, incompatible: module._after_load())
 
     # ------------------------------------------------------------------ update
     def _cell_centres(self, indices: Tensor, jitter: bool) -> Tensor:
@@ -130,6 +131,10 @@ class OccupancyGrid(nn.Module):
         self.opacity.copy_(decayed)
         cut = min(self.threshold, float(self.opacity.mean()))
         self.occupied.copy_(self.opacity > cut)
+        self._refresh_derived()
+
+    def _after_load(self) -> None:
+        self._min_cell_side = None  # the box may differ in the checkpoint
         self._refresh_derived()
 
     @torch.no_grad()
@@ -170,8 +175,10 @@ class OccupancyGrid(nn.Module):
 
     def _steps_per_stretch(self, step_size: float) -> int:
         """Fine steps per coarse stretch: as many as fit in the smallest cell side (at least 1)."""
-        cell = float(((self.aabb[1] - self.aabb[0]) / self.resolution).min())
-        return max(1, int(cell / step_size))
+        # Kept on the host (reading it from the device buffer every step would be a synchronisation).
+        if self._min_cell_side is None:
+            self._min_cell_side = float(((self.aabb[1] - self.aabb[0]) / self.resolution).min())
+        return max(1, int(self._min_cell_side / step_size))
 
     @torch.no_grad()
     def sample(

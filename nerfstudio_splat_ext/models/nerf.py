@@ -71,6 +71,10 @@ class SplatExtNerfModelConfig(ModelConfig):
     compile_mlp: bool = False
     """Fast path on CUDA: torch.compile the network's forward (fuses the encoding and activations around the
     matmuls). The parameters stay those of the plain module, so checkpoints do not depend on this switch."""
+    cuda_graphs: bool = True
+    """Fast path on CUDA, training: replay the network's forward/backward and its density queries as CUDA graphs,
+    with the sample count padded to one of 8 sizes per octave (a step is bound by kernel launches, not by the GPU).
+    Same results as the eager network; evaluation and the viewer use the eager network. Ignored with compile_mlp."""
 
 
 class SplatExtNerfModel(Model):
@@ -112,14 +116,20 @@ class SplatExtNerfModel(Model):
                 torch.backends.cuda.matmul.allow_tf32 = True
                 torch.backends.cudnn.allow_tf32 = True
 
-        # Compiled entry points of the fine network (functions, not modules: they add nothing to the state dict).
+        # Compiled or graph-replaying entry points of the fine network (not modules: they add nothing to the state
+        # dict).
         self._compiled_fine = None
+        self._graphed_fine = None
         if self.use_fast_path and cfg.compile_mlp and torch.cuda.is_available():
             # dynamic: the number of packed samples changes every step.
             self._compiled_fine = (
                 torch.compile(self.field_fine.forward, dynamic=True),
                 torch.compile(self.field_fine.density, dynamic=True),
             )
+        elif self.use_fast_path and cfg.cuda_graphs and torch.cuda.is_available():
+            from nerfstudio_splat_ext.model_components.graphed_mlp import GraphedNeRFMLP
+
+            self._graphed_fine = GraphedNeRFMLP(self.field_fine)
 
         from torchmetrics.image import PeakSignalNoiseRatio
 
@@ -128,10 +138,18 @@ class SplatExtNerfModel(Model):
 
 
     def _fine_forward(self, positions: torch.Tensor, directions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        return (self._compiled_fine[0] if self._compiled_fine else self.field_fine.forward)(positions, directions)
+        if self._compiled_fine:
+            return self._compiled_fine[0](positions, directions)
+        if self._graphed_fine is not None:
+            return self._graphed_fine.forward(positions, directions)
+        return self.field_fine(positions, directions)
 
     def _fine_density(self, positions: torch.Tensor) -> torch.Tensor:
-        return (self._compiled_fine[1] if self._compiled_fine else self.field_fine.density)(positions)
+        if self._compiled_fine:
+            return self._compiled_fine[1](positions)
+        if self._graphed_fine is not None:
+            return self._graphed_fine.density(positions)
+        return self.field_fine.density(positions)
 
     # ------------------------------------------------------------------ training
     def get_param_groups(self) -> Dict[str, List[Parameter]]:
@@ -146,7 +164,9 @@ class SplatExtNerfModel(Model):
 
         def update_grid(step: int) -> None:
             if step % self.config.grid_update_every == 0:
-                self.occupancy_grid.update(step, lambda x: self._fine_density(x) * self.render_step_size)
+                # The eager network: the update's chunk sizes would take graph slots that the marching pass keeps
+                # reusing every step (measured: constant re-captures).
+                self.occupancy_grid.update(step, lambda x: self.field_fine.density(x) * self.render_step_size)
                 self._warn_if_density_lost(step)
 
         return [TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], update_grid)]
