@@ -54,19 +54,22 @@ budget = float(os.environ.get("BENCH_TIME_BUDGET_S", "0") or 0)
 clock = {"t0": None, "steps": 0, "last": 0}
 class _BudgetSpent(Exception):
     pass
-_iteration = Trainer.train_iteration
-def train_iteration(self, step):
-    if clock["t0"] is None:
-        clock["t0"] = time.time()
-    if budget and time.time() - clock["t0"] > budget:
-        raise _BudgetSpent()
-    out = _iteration(self, step)
-    clock["steps"] += 1
-    clock["last"] = step
-    return out
-Trainer.train_iteration = train_iteration
+def _budgeted(iteration):
+    def train_iteration(step):
+        if clock["t0"] is None:
+            clock["t0"] = time.time()
+        if budget and time.time() - clock["t0"] > budget:
+            raise _BudgetSpent()
+        out = iteration(step)
+        clock["steps"] += 1
+        clock["last"] = step
+        return out
+    return train_iteration
 _train = Trainer.train
 def train(self):
+    # Wrap this trainer's own train_iteration (a subclass may override nerfstudio's): the instance attribute is what
+    # the training loop calls.
+    self.train_iteration = _budgeted(self.train_iteration)
     try:
         _train(self)
     except _BudgetSpent:
