@@ -54,6 +54,17 @@ def _capturing(graph: "torch.cuda.CUDAGraph", pool, stream: "torch.cuda.Stream")
     current.wait_stream(stream)
 
 
+def _warmed_up_stream(run: Callable[[], object], device: torch.device) -> "torch.cuda.Stream":
+    """A side stream on which ``run`` has run twice (library handles, workspaces) and that captures will use."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side), _capture_autocast():
+        for _ in range(2):
+            run()
+    torch.cuda.current_stream(device).wait_stream(side)
+    return side
+
+
 def _autocast_key() -> Tuple[bool, torch.dtype]:
     return torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
 
@@ -68,8 +79,8 @@ class _TrainGraph:
     stream, and the capture fails (seen in a full training run)."""
 
     def __init__(self, mlp: nn.Module, size: int, device: torch.device) -> None:
-        names = [name for name, _ in mlp.named_parameters()]
-        aliases = [param.detach().requires_grad_() for _, param in mlp.named_parameters()]
+        names, self.params = zip(*mlp.named_parameters())
+        aliases = [param.detach().requires_grad_() for param in self.params]
         self.inputs = (torch.zeros(size, 3, device=device), torch.zeros(size, 3, device=device))
 
         def run():
@@ -78,13 +89,11 @@ class _TrainGraph:
         def backward(outputs, grad_outputs):
             return torch.autograd.grad(outputs, aliases, grad_outputs)
 
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side), _capture_autocast():
-            for _ in range(2):  # warm-up outside the capture (library handles, workspaces)
-                outputs = run()
-                backward(outputs, tuple(torch.ones_like(o) for o in outputs))
-        torch.cuda.current_stream(device).wait_stream(side)
+        def run_both():
+            outputs = run()
+            backward(outputs, tuple(torch.ones_like(o) for o in outputs))
+
+        side = _warmed_up_stream(run_both, device)
         pool = torch.cuda.graph_pool_handle()
         self.forward_graph, self.backward_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         with _capture_autocast(), _capturing(self.forward_graph, pool, side):
@@ -126,11 +135,10 @@ class GraphedNeRFMLP:
     ``density(positions) -> sigma``).
 
     - ``forward`` with gradients (training): one graph per bucket for the forward and one for the backward.
-    - ``density`` without gradients (the density pass of ray marching, the occupancy-grid update): one graph per
-      bucket.
+    - ``density`` without gradients in training mode (the density pass of ray marching): one graph per bucket.
     Anything else (CPU tensors, inputs that require grad, no samples, more than ``max_samples``, or with gradients
-    more than ``max_train_samples``) runs the eager network. At most ``max_graphs`` graphs of each kind are kept (least recently used dropped): the sample count
-    drifts during training, and every graph holds its own memory.
+    more than ``max_train_samples``) runs the eager network. At most ``max_graphs`` graphs of each kind are kept
+    (least recently used dropped): the sample count drifts during training, and every graph holds its own memory.
 
     A plain object, not an ``nn.Module``: it adds nothing to the model's state dict or parameters.
     """
@@ -160,9 +168,8 @@ class GraphedNeRFMLP:
         entry = cache.get(key)
         if entry is None:
             if len(cache) >= self.max_graphs:
-                while len(cache) >= self.max_graphs:
-                    cache.popitem(last=False)
-                # Give the dropped graphs' memory back: a private pool's segments are not reused by other captures.
+                cache.popitem(last=False)
+                # Give the dropped graph's memory back: a private pool's segments are not reused by other captures.
                 torch.cuda.empty_cache()
             entry = cache[key] = capture()
             self.captures += 1
@@ -178,12 +185,12 @@ class GraphedNeRFMLP:
         size = bucket_size(n)
         key = (size, positions.device, *_autocast_key())
         graph = self._lookup(self._train, key, lambda: _TrainGraph(self.mlp, size, positions.device))
-        return _Replay.apply(graph, positions, directions, *self.mlp.parameters())
+        return _Replay.apply(graph, positions, directions, *graph.params)
 
     # -------------------------------------------------------------- density
     def density(self, positions: Tensor) -> Tensor:
-        # Training mode only: the grid update and the marching density pass. The viewer and evaluation render in
-        # eval mode, possibly from another thread, and must not share the static buffers.
+        # Training mode only (the marching density pass). The viewer and evaluation render in eval mode, possibly
+        # from another thread, and must not share the static buffers.
         if torch.is_grad_enabled() or not (self.mlp.training and self._use_graph(positions)):
             return self.mlp.density(positions)
         n = positions.shape[0]
@@ -198,12 +205,7 @@ class GraphedNeRFMLP:
 
     def _capture_density(self, size: int, device: torch.device) -> tuple:
         static_in = torch.zeros(size, 3, device=device)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side), _capture_autocast():
-            for _ in range(2):  # warm-up outside the capture (library handles, allocator)
-                self.mlp.density(static_in)
-        torch.cuda.current_stream(device).wait_stream(side)
+        side = _warmed_up_stream(lambda: self.mlp.density(static_in), device)
         graph = torch.cuda.CUDAGraph()
         with _capture_autocast(), _capturing(graph, torch.cuda.graph_pool_handle(), side):
             static_out = self.mlp.density(static_in)
