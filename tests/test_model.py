@@ -51,6 +51,24 @@ def test_sfm_points_initialise_positions_and_colours():
     assert torch.allclose(model.gauss_params["scales"].detach()[:, 0].exp(), knn, rtol=1e-4)
 
 
+def test_initial_points_are_subsampled_to_the_gaussian_budget():
+    from nerfstudio_splat_ext.strategy.contribution import ContributionStrategy
+
+    xyz = torch.randn(500, 3)
+    rgb = torch.randint(0, 256, (500, 3), dtype=torch.uint8)
+    model = make_model(seed_points=(xyz, rgb), metadata={},
+                       strategy=ContributionStrategy(kind="contribution", max_gaussians=321))
+    means = model.gauss_params["means"].detach()
+    assert means.shape == (321, 3)
+    # a subset of the SfM points, each with its own colour
+    index = torch.cdist(means, xyz).argmin(dim=1)
+    assert torch.equal(xyz[index], means) and index.unique().numel() == 321
+    colour = model.gauss_params["features_dc"].detach() * SH_C0 + 0.5
+    assert torch.allclose(colour, rgb[index].float() / 255.0, atol=1e-6)
+    assert make_model(num_random=300, metadata={},
+                      strategy=ContributionStrategy(max_gaussians=1000)).gauss_params["means"].shape[0] == 300
+
+
 def test_background_follows_the_dataset():
     white = make_model(num_random=100, metadata={"background_color": torch.ones(3)})
     assert torch.equal(white.background_color, torch.ones(3))

@@ -126,6 +126,12 @@ class SplatExtModel(SplatfactoModel):
             means = centre + (torch.rand(cfg.num_random, 3) * 2 - 1) * half
             colors = torch.rand(cfg.num_random, 3)
             CONSOLE.log(f"splat-ext: initialising {cfg.num_random} random Gaussians in the scene box")
+        cap = cfg.strategy.max_gaussians
+        if cap is not None and means.shape[0] > int(cap):
+            # The budget is an out-of-memory guard, so it holds from the first step: keep a random subset.
+            keep = torch.randperm(means.shape[0])[: int(cap)]
+            means, colors = means[keep], colors[keep]
+            CONSOLE.log(f"splat-ext: kept {int(cap)} of them (strategy.max_gaussians)")
         n = means.shape[0]
         scales = torch.log(knn_mean_distance(means).clamp_min(1e-7))[:, None].repeat(1, 3)
         quats = torch.zeros(n, 4)
