@@ -30,11 +30,12 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def build_trainer(data: Path, flags: str, out_dir: Path):
+def build_trainer(data: Path, flags: str, out_dir: Path, base=None):
+    """The trainer of `base` (default: splat-ext-nerf's config) with ns-train `flags`, set up in this process."""
     import tyro
     from nerfstudio_splat_ext.method_configs import splat_ext_nerf_trainer_config
 
-    base = splat_ext_nerf_trainer_config()
+    base = base if base is not None else splat_ext_nerf_trainer_config()
     argv = ["--data", str(data), "--output-dir", str(out_dir), "--vis", "tensorboard", *shlex.split(flags)]
     config = tyro.cli(type(base), args=argv, default=base)
     config.set_timestamp()

@@ -29,8 +29,18 @@ from nerfstudio_splat_ext.models.splat_ext_diffusion import SplatExtDiffusionMod
 MAX_STEPS = 30_000
 
 
+@dataclass
+class FusedAdamOptimizerConfig(AdamOptimizerConfig):
+    """torch's Adam with its fused CUDA kernel (one launch for all parameters, grad-scaler aware)."""
+
+    fused: bool = True
+
+
 def _adam(lr: float) -> AdamOptimizerConfig:
-    return AdamOptimizerConfig(lr=lr, eps=1e-15)
+    # The Gaussians' Adam as one fused kernel per parameter group on GPU: torch's default multi-tensor Adam took
+    # 1.1 ms of a 7.8 ms step with 300k Gaussians on lego (BENCHMARKS.md).
+    config_type = FusedAdamOptimizerConfig if torch.cuda.is_available() else AdamOptimizerConfig
+    return config_type(lr=lr, eps=1e-15)
 
 
 def short_schedule_flags(steps: int, num_random: int = 20_000) -> List[str]:
@@ -92,13 +102,6 @@ splat_ext = MethodSpecification(
     config=splat_ext_trainer_config(),
     description="3D Gaussian Splatting with our own density control and losses; GPU (gsplat) or CPU (PyTorch).",
 )
-
-
-@dataclass
-class FusedAdamOptimizerConfig(AdamOptimizerConfig):
-    """torch's Adam with its fused CUDA kernel (one launch for all parameters, grad-scaler aware)."""
-
-    fused: bool = True
 
 
 # About what one H200 runs in 9 minutes on lego (13.3 ms per step with CUDA graphs, BENCHMARKS 00000); the learning

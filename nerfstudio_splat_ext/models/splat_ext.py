@@ -25,7 +25,7 @@ from torch.nn import Parameter
 from nerfstudio_splat_ext.losses.photometric import PhotometricLossConfig
 from nerfstudio_splat_ext.losses.ssim import ssim as ssim_fn
 from nerfstudio_splat_ext.model_components.background import resolve_background
-from nerfstudio_splat_ext.render.backend import RenderBackend, get_rasterizer
+from nerfstudio_splat_ext.render.backend import RenderBackend, get_rasterizer, get_spherical_harmonics
 from nerfstudio_splat_ext.strategy.contribution import ContributionStrategy
 from nerfstudio_splat_ext.utils.lpips import LazyLPIPS
 
@@ -42,7 +42,9 @@ def num_sh_bases(degree: int) -> int:
 
 def camera_to_world_to_viewmat(c2w: torch.Tensor) -> torch.Tensor:
     """nerfstudio camera-to-world [C,3,4] (OpenGL: y up, z back) -> world-to-camera [C,4,4] (OpenCV: y down, z fwd)."""
-    rot = c2w[:, :3, :3] * torch.tensor([1.0, -1.0, -1.0], device=c2w.device, dtype=c2w.dtype)
+    # y and z axes flipped by negating columns, not by multiplying with a constant tensor: building that constant
+    # on the GPU is a host-to-device copy, which waits for every queued kernel.
+    rot = torch.cat([c2w[:, :3, 0:1], -c2w[:, :3, 1:3]], dim=2)
     trans = c2w[:, :3, 3:4]
     rot_inv = rot.transpose(1, 2)
     viewmat = torch.zeros(c2w.shape[0], 4, 4, device=c2w.device, dtype=c2w.dtype)
@@ -50,6 +52,18 @@ def camera_to_world_to_viewmat(c2w: torch.Tensor) -> torch.Tensor:
     viewmat[:, :3, 3:4] = -rot_inv @ trans
     viewmat[:, 3, 3] = 1.0
     return viewmat
+
+
+def view_dependent_colors(
+    spherical_harmonics, degree: int, means: torch.Tensor, f_dc: torch.Tensor, f_rest: torch.Tensor,
+    centres: torch.Tensor,
+) -> torch.Tensor:
+    """RGB [C,N,3] of every Gaussian seen from each camera centre [C,3]: SH up to `degree`, then + 0.5 and clamped
+    at 0 (the 3DGS convention, as gsplat's rasterization applies it)."""
+    coeffs = torch.cat([f_dc[:, None, :], f_rest], dim=1)  # [N,K,3]
+    dirs = means[None] - centres[:, None]  # [C,N,3]
+    colors = spherical_harmonics(degree, dirs, coeffs[None].expand(centres.shape[0], -1, -1, -1))
+    return torch.clamp_min(colors + 0.5, 0.0)
 
 
 def camera_extent(camera_to_worlds: torch.Tensor) -> float:
@@ -167,6 +181,11 @@ class SplatExtModel(SplatfactoModel):
         self.scene_extent: Optional[float] = None
         self.info: dict = {}
         self.optimizers: dict = {}
+        # Training views' intrinsics [N,3,3] on the model's device and image sizes on the host (see
+        # _cache_training_views), and the background colour on the device.
+        self._train_Ks: Optional[torch.Tensor] = None
+        self._train_sizes: List[Tuple[int, int]] = []
+        self._background_on_device: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         if cfg.use_bilateral_grid:
             raise ValueError("splat-ext does not support use_bilateral_grid")
 
@@ -181,7 +200,12 @@ class SplatExtModel(SplatfactoModel):
     def _get_background_color(self) -> torch.Tensor:
         if self.config.background_color == "random" and self.training:
             return torch.rand(3, device=self.device)
-        return self.background_color.to(self.device)
+        # Copied to the device once, not every step (a host-to-device copy waits for the GPU).
+        cached = self._background_on_device
+        if cached is None or cached[0] is not self.background_color or cached[1].device != self.device:
+            cached = (self.background_color, self.background_color.to(self.device))
+            self._background_on_device = cached
+        return cached[1]
 
     # ------------------------------------------------------------ training hooks
     def get_training_callbacks(
@@ -190,6 +214,8 @@ class SplatExtModel(SplatfactoModel):
         pipeline = training_callback_attributes.pipeline
         cameras = pipeline.datamanager.train_dataparser_outputs.cameras if pipeline is not None else None
         self.scene_extent = camera_extent(cameras.camera_to_worlds) if cameras is not None else 1.0
+        if pipeline is not None:
+            self._cache_training_views(pipeline.datamanager)
         if self.config.near_plane is None:
             self.near_plane.fill_(self.scene_extent / 25.0)
         self._near_plane = float(self.near_plane)
@@ -205,6 +231,35 @@ class SplatExtModel(SplatfactoModel):
             ),
             TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], self.step_post_backward),
         ]
+
+    def _cache_training_views(self, datamanager) -> None:
+        """Keeps every training camera's intrinsics on the device and its image size on the host, so that a training
+        step needs no GPU-to-host read (`camera.width.item()` and nerfstudio's `get_intrinsics_matrices` on GPU
+        cameras each wait for all queued kernels). The datamanager's own cameras carry the intrinsics of its cached
+        (undistorted) images."""
+        cameras = getattr(datamanager, "train_cameras", None)
+        if cameras is None:
+            dataset = getattr(datamanager, "train_dataset", None)
+            cameras = getattr(dataset, "cameras", None)
+        if cameras is None or len(cameras.shape) != 1:
+            return
+        cameras = cameras.to("cpu")
+        self._train_Ks = cameras.get_intrinsics_matrices().to(self.device)
+        self._train_sizes = list(zip(cameras.width.reshape(-1).tolist(), cameras.height.reshape(-1).tolist()))
+
+    def _intrinsics_and_size(self, camera: Cameras, downscale: int) -> Tuple[torch.Tensor, int, int]:
+        """Ks [1,3,3] on the model's device, width, height of the image to render for `camera`."""
+        index = (camera.metadata or {}).get("cam_idx") if self.training else None
+        if index is not None and downscale == 1 and 0 <= int(index) < len(self._train_sizes):
+            width, height = self._train_sizes[int(index)]
+            return self._train_Ks[int(index) : int(index) + 1], int(width), int(height)
+        if downscale > 1:
+            camera.rescale_output_resolution(1 / downscale)
+        Ks = camera.get_intrinsics_matrices().to(self.device)
+        width, height = int(camera.width.item()), int(camera.height.item())
+        if downscale > 1:
+            camera.rescale_output_resolution(downscale)
+        return Ks, width, height
 
     def _initial_strategy_state(self) -> dict:
         white = bool(torch.all(self.background_color == 1.0)) and self.config.background_color != "random"
@@ -288,25 +343,25 @@ class SplatExtModel(SplatfactoModel):
                 return self.get_empty_outputs(int(camera.width.item()), int(camera.height.item()), self.background_color.to(self.device))
             means, quats, scales, opacities, f_dc, f_rest = (t[keep] for t in (means, quats, scales, opacities, f_dc, f_rest))
 
-        downscale = self._get_downscale_factor()
-        if downscale > 1:
-            camera.rescale_output_resolution(1 / downscale)
-        Ks = camera.get_intrinsics_matrices().to(means.device)
-        width, height = int(camera.width.item()), int(camera.height.item())
-        if downscale > 1:
-            camera.rescale_output_resolution(downscale)
+        Ks, width, height = self._intrinsics_and_size(camera, self._get_downscale_factor())
         self.last_size = (height, width)
-        viewmats = camera_to_world_to_viewmat(c2w.to(means.device).float())
+        c2w = c2w.to(means.device).float()
+        viewmats = camera_to_world_to_viewmat(c2w)
 
         render_mode = "RGB+ED" if (self.config.output_depth_during_training or not self.training) else "RGB"
         backend, rasterize = get_rasterizer(self.config.render_backend, means.device)
         extra = {"tile_size": self.config.reference_tile_size} if backend == "reference" else {}
+        # View-dependent colours evaluated here rather than inside gsplat's rasterization, which inverts the view
+        # matrices to find the camera centres (torch.inverse waits for the GPU); nerfstudio's c2w holds them.
+        colors = view_dependent_colors(
+            get_spherical_harmonics(backend), self._sh_degree_to_use(), means, f_dc, f_rest, c2w[:, :3, 3]
+        )
         render, alpha, info = rasterize(
             means=means,
             quats=quats,
             scales=torch.exp(scales),
             opacities=torch.sigmoid(opacities).squeeze(-1),
-            colors=torch.cat([f_dc[:, None, :], f_rest], dim=1),
+            colors=colors,
             viewmats=viewmats,
             Ks=Ks,
             width=width,
@@ -315,7 +370,7 @@ class SplatExtModel(SplatfactoModel):
             near_plane=self._near_plane,
             far_plane=1e10,
             render_mode=render_mode,
-            sh_degree=self._sh_degree_to_use(),
+            sh_degree=None,
             absgrad=self.strategy.absgrad,
             rasterize_mode=self.config.rasterize_mode,
             **extra,
@@ -327,7 +382,7 @@ class SplatExtModel(SplatfactoModel):
         background = self._get_background_color()
         rgb = render[..., :3] + (1.0 - alpha) * background
         if self.training and self.strategy.wants_contribution(self.step):
-            self._prepare_contribution(info, rgb, background, means, f_dc, f_rest, c2w)
+            self._prepare_contribution(info, rgb, background, colors)
         if not self.training:
             # Only displayed / evaluated images are clamped: clamping during training hides Gaussians brighter
             # than a white background from the loss (zero gradient), and they reappear as floaters in novel views.
@@ -341,25 +396,17 @@ class SplatExtModel(SplatfactoModel):
         return {"rgb": rgb.squeeze(0), "depth": depth, "accumulation": alpha.squeeze(0), "background": background}
 
     @torch.no_grad()
-    def _prepare_contribution(self, info, rgb, background, means, f_dc, f_rest, c2w) -> None:
+    def _prepare_contribution(self, info, rgb, background, colors) -> None:
         """Hands the contribution pass (strategy/contribution.py) what it needs once the loss has been
-        back-propagated: dL/dC of this render (kept by retain_grad), the composited colours (the SH evaluation the
-        rasterizer did internally, repeated here without gradient) and the background."""
-        from nerfstudio_splat_ext.render.reference import spherical_harmonics_reference
-
+        back-propagated: dL/dC of this render (kept by retain_grad), the Gaussians' colours [C,N,3] and the
+        background."""
         rgb.retain_grad()
-        coeffs = torch.cat([f_dc[:, None, :], f_rest], dim=1)
-        centres = c2w.to(means.device).float()[:, :3, 3]  # [C, 3]
-        dirs = means.detach()[None] - centres[:, None]
-        degree = self._sh_degree_to_use()
-        colors = spherical_harmonics_reference(degree, dirs, coeffs.detach()[None].expand(dirs.shape[0], -1, -1, -1))
-        colors = torch.clamp_min(colors + 0.5, 0.0)
         info["_contribution_source"] = {
             "rgb": rgb,
             "means2d": info["means2d"].detach(),
             "conics": info["conics"].detach(),
             "opacities": info["opacities"].detach(),
-            "colors": colors,
+            "colors": colors.detach(),
             "backgrounds": background.detach().reshape(1, 3).expand(colors.shape[0], 3),
             "isect_offsets": info.get("isect_offsets"),
             "flatten_ids": info.get("flatten_ids"),
@@ -389,7 +436,9 @@ class SplatExtModel(SplatfactoModel):
 
     def get_metrics_dict(self, outputs, batch) -> Dict[str, torch.Tensor]:
         gt = self.composite_with_background(self.get_gt_img(batch["image"]), outputs["background"])
-        metrics = {"psnr": self.psnr(outputs["rgb"], gt), "gaussian_count": self.num_points}
+        # PSNR by its formula (data range 1): torchmetrics' stateful metric reads its state back to the host each step.
+        psnr = -10.0 * torch.log10(torch.mean((outputs["rgb"] - gt) ** 2))
+        metrics = {"psnr": psnr, "gaussian_count": self.num_points}
         self.camera_optimizer.get_metrics_dict(metrics)
         return metrics
 

@@ -1,7 +1,8 @@
 """Choice of rasterizer: gsplat's CUDA kernels on GPU tensors, our pure-PyTorch reference on CPU.
 
 Both take the same keyword arguments (gsplat.rasterization's, packed=False) and return
-(render_colors [C,H,W,D], render_alphas [C,H,W,1], meta).
+(render_colors [C,H,W,D], render_alphas [C,H,W,1], meta). Spherical harmonics likewise: gsplat's kernel or our
+reference, both `(degree, dirs [...,3], coeffs [...,K,3]) -> [...,3]`.
 """
 
 from __future__ import annotations
@@ -41,3 +42,19 @@ def _rasterizer_for(backend: RenderBackend, device_type: str) -> Tuple[str, Call
     from nerfstudio_splat_ext.render.reference import rasterization_reference
 
     return name, rasterization_reference
+
+
+def get_spherical_harmonics(backend_name: str) -> Callable:
+    """SH evaluation of a resolved backend name ('gsplat' or 'reference')."""
+    return _spherical_harmonics_for(backend_name)
+
+
+@lru_cache(maxsize=None)
+def _spherical_harmonics_for(name: str) -> Callable:
+    if name == "gsplat":
+        from gsplat.cuda._wrapper import spherical_harmonics
+
+        return spherical_harmonics
+    from nerfstudio_splat_ext.render.reference import spherical_harmonics_reference
+
+    return spherical_harmonics_reference
