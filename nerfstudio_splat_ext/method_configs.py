@@ -10,13 +10,13 @@ from typing import List
 
 import torch
 from nerfstudio.configs.base_config import MachineConfig, ViewerConfig
-from nerfstudio.data.datamanagers.full_images_datamanager import FullImageDatamanagerConfig
 from nerfstudio.engine.optimizers import AdamOptimizerConfig
 from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
 from nerfstudio.pipelines.base_pipeline import VanillaPipelineConfig
 from nerfstudio.plugins.types import MethodSpecification
 
 from nerfstudio_splat_ext.dataparsers.splat_ext_dataparser import SplatExtDataParserConfig
+from nerfstudio_splat_ext.datamanagers.image_datamanager import SplatExtImageDataManagerConfig
 from nerfstudio_splat_ext.datamanagers.ray_datamanager import SplatExtRayDataManagerConfig
 from nerfstudio_splat_ext.engine.trainer import SplatExtTrainerConfig
 from nerfstudio_splat_ext.models.nerf import SplatExtNerfModelConfig
@@ -71,7 +71,7 @@ def splat_ext_trainer_config() -> SplatExtTrainerConfig:
         # Works without flags on a machine without a GPU (nerfstudio's default is CUDA).
         machine=MachineConfig(device_type="cuda" if torch.cuda.is_available() else "cpu"),
         pipeline=VanillaPipelineConfig(
-            datamanager=FullImageDatamanagerConfig(
+            datamanager=SplatExtImageDataManagerConfig(
                 dataparser=SplatExtDataParserConfig(),
                 cache_images_type="uint8",
             ),

@@ -128,3 +128,37 @@ def test_cpu_render_and_gradients():
     assert grads is not None and torch.isfinite(grads).all() and grads.abs().sum() > 0
     assert model.info["means2d"].grad is not None  # the density control sees view-space gradients
     assert not math.isnan(float(loss))
+
+
+def test_cached_training_views_render_what_the_cameras_render():
+    """A training step reads intrinsics, pose and size from the model's cache (no GPU-to-host reads); the image
+    must be the one nerfstudio's camera path gives, and a downscaled render must leave the camera untouched."""
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    model = make_model(num_random=500, metadata={"background_color": torch.ones(3)})
+    model.train()
+    model.strategy_state = model.strategy.initialize_state(scene_extent=1.0)
+    rot = torch.linalg.qr(torch.randn(3, 3, 3, generator=gen)).Q
+    rot = rot * torch.sign(torch.linalg.det(rot))[:, None, None]
+    centres = rot[:, :, 2] * 5.0  # nerfstudio cameras look along their -z: at the origin
+    cameras = Cameras(
+        camera_to_worlds=torch.cat([rot, centres[:, :, None]], dim=-1),
+        fx=30.0 + 20 * torch.rand(3, 1, generator=gen), fy=40.0, cx=16.0, cy=12.0, width=32, height=24,
+    )
+    for i in range(3):
+        camera = cameras[i : i + 1]
+        plain = model.get_outputs(camera)["rgb"]
+        assert plain.std() > 1e-3  # Gaussians in view, not an empty background
+        camera.metadata = {"cam_idx": i}
+        first = model.get_outputs(camera)["rgb"]  # reads the camera and keeps its view
+        camera.fx = camera.fx * 2  # not read again: the cache answers
+        cached = model.get_outputs(camera)["rgb"]
+        torch.testing.assert_close(first, plain, atol=1e-6, rtol=0)
+        torch.testing.assert_close(cached, plain, atol=1e-6, rtol=0)
+    assert sorted(model._train_views) == [0, 1, 2]
+    model.config.num_downscales = 1  # renders at half resolution for the first steps
+    model.config.resolution_schedule = 10**6
+    model.step = 0
+    camera = cameras[0:1]
+    camera.metadata = {"cam_idx": 0}
+    assert model.get_outputs(camera)["rgb"].shape == (12, 16, 3)
+    assert int(camera.width) == 32 and float(camera.fy) == 40.0

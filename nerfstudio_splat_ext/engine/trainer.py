@@ -8,7 +8,8 @@ nerfstudio's `train_iteration` reads the mixed-precision grad scaler's scale twi
 reads, each waiting for the step's kernels) to skip the schedulers on a step the scaler skipped. Ours always steps
 the schedulers: the scaler skips a step only on inf/NaN gradients, a handful of times at the start of fp16 training,
 so the schedule shifts by that many steps of tens of thousands, and the host can queue the next step's work while
-the GPU finishes this one.
+the GPU finishes this one. Fused Adam optimizers take a leaner step (engine/direct_adam.py), and learning rates are
+logged every `steps_per_log` steps like the losses, not on every step.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from typing import Type
 
 import torch
 from nerfstudio.engine.trainer import Trainer, TrainerConfig
+from nerfstudio.utils import writer
+
+from nerfstudio_splat_ext.engine.direct_adam import direct_adam_step, supports_direct_step
 
 
 @dataclass
@@ -77,7 +81,21 @@ class SplatExtTrainer(Trainer):
             _, loss_dict, metrics_dict = self.pipeline.get_train_loss_dict(step=step)
             loss = functools.reduce(torch.add, loss_dict.values())
         self.grad_scaler.scale(loss).backward()
-        optimizers.optimizer_scaler_step_some(self.grad_scaler, [g for g in groups if step % every[g] == every[g] - 1])
+        stepping = [g for g in groups if step % every[g] == every[g] - 1]
+        direct = [g for g in stepping if self._steps_directly(g)]
+        direct_adam_step([optimizers.optimizers[g] for g in direct])
+        optimizers.optimizer_scaler_step_some(self.grad_scaler, [g for g in stepping if g not in direct])
         self.grad_scaler.update()
-        optimizers.scheduler_step_all(step)
+        log = step % self.config.logging.steps_per_log == 0
+        for name, scheduler in optimizers.schedulers.items():
+            scheduler.step()
+            if log:  # nerfstudio logs every step; one tensorboard write per scheduler and step costs host time
+                writer.put_scalar(name=f"learning_rate/{name}", scalar=scheduler.get_last_lr()[0], step=step)
         return loss, loss_dict, metrics_dict
+
+    def _steps_directly(self, group: str) -> bool:
+        """Whether `group`'s optimizer takes the lean fused-Adam step (engine/direct_adam.py): no gradient scaler,
+        no gradient clipping, and an optimizer it reproduces exactly."""
+        if self.grad_scaler.is_enabled() or self.optimizers.config[group]["optimizer"].max_norm is not None:
+            return False
+        return supports_direct_step(self.optimizers.optimizers[group])

@@ -11,6 +11,7 @@ splats (same parameter names and layout), and replaces the parts that make the m
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Dict, List, Literal, Optional, Tuple, Type, Union
 
@@ -181,10 +182,9 @@ class SplatExtModel(SplatfactoModel):
         self.scene_extent: Optional[float] = None
         self.info: dict = {}
         self.optimizers: dict = {}
-        # Training views' intrinsics [N,3,3] on the model's device and image sizes on the host (see
-        # _cache_training_views), and the background colour on the device.
-        self._train_Ks: Optional[torch.Tensor] = None
-        self._train_sizes: List[Tuple[int, int]] = []
+        # Per training camera index: view matrix, intrinsics, centre (on the device), width, height (see _view);
+        # and the background colour on the device.
+        self._train_views: Dict[int, Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]] = {}
         self._background_on_device: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         if cfg.use_bilateral_grid:
             raise ValueError("splat-ext does not support use_bilateral_grid")
@@ -214,8 +214,6 @@ class SplatExtModel(SplatfactoModel):
         pipeline = training_callback_attributes.pipeline
         cameras = pipeline.datamanager.train_dataparser_outputs.cameras if pipeline is not None else None
         self.scene_extent = camera_extent(cameras.camera_to_worlds) if cameras is not None else 1.0
-        if pipeline is not None:
-            self._cache_training_views(pipeline.datamanager)
         if self.config.near_plane is None:
             self.near_plane.fill_(self.scene_extent / 25.0)
         self._near_plane = float(self.near_plane)
@@ -232,34 +230,35 @@ class SplatExtModel(SplatfactoModel):
             TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], self.step_post_backward),
         ]
 
-    def _cache_training_views(self, datamanager) -> None:
-        """Keeps every training camera's intrinsics on the device and its image size on the host, so that a training
-        step needs no GPU-to-host read (`camera.width.item()` and nerfstudio's `get_intrinsics_matrices` on GPU
-        cameras each wait for all queued kernels). The datamanager's own cameras carry the intrinsics of its cached
-        (undistorted) images."""
-        cameras = getattr(datamanager, "train_cameras", None)
-        if cameras is None:
-            dataset = getattr(datamanager, "train_dataset", None)
-            cameras = getattr(dataset, "cameras", None)
-        if cameras is None or len(cameras.shape) != 1:
-            return
-        cameras = cameras.to("cpu")
-        self._train_Ks = cameras.get_intrinsics_matrices().to(self.device)
-        self._train_sizes = list(zip(cameras.width.reshape(-1).tolist(), cameras.height.reshape(-1).tolist()))
+    def _view(self, camera: Cameras, c2w: Optional[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+        """viewmats [1,4,4], Ks [1,3,3], camera centres [1,3] (on the model's device), width, height of the image
+        to render for `camera`; `c2w`: its pose after camera optimisation (None: the camera's own).
 
-    def _intrinsics_and_size(self, camera: Cameras, downscale: int) -> Tuple[torch.Tensor, int, int]:
-        """Ks [1,3,3] on the model's device, width, height of the image to render for `camera`."""
+        A training camera (nerfstudio's datamanagers tag it with `cam_idx`) is read once, the first time it comes,
+        and kept: reading a GPU camera's size or intrinsics (`.item()`, nerfstudio's `get_intrinsics_matrices`)
+        waits for every queued kernel. The first visit, not the datamanager's set-up, because nerfstudio caches
+        and undistorts the images lazily and updates the cameras' intrinsics and sizes only then."""
+        downscale = self._get_downscale_factor()
         index = (camera.metadata or {}).get("cam_idx") if self.training else None
-        if index is not None and downscale == 1 and 0 <= int(index) < len(self._train_sizes):
-            width, height = self._train_sizes[int(index)]
-            return self._train_Ks[int(index) : int(index) + 1], int(width), int(height)
+        if index is None or downscale != 1:
+            return self._read_view(camera, c2w, downscale)
+        cached = self._train_views.get(int(index))
+        if cached is None:
+            cached = self._read_view(camera, None, 1)
+            self._train_views[int(index)] = cached
+        viewmats, Ks, centres, width, height = cached
+        if c2w is not None:
+            viewmats, centres = camera_to_world_to_viewmat(c2w), c2w[:, :3, 3]
+        return viewmats, Ks, centres, width, height
+
+    def _read_view(self, camera: Cameras, c2w: Optional[torch.Tensor], downscale: int) -> Tuple[torch.Tensor, ...]:
+        c2w = (camera.camera_to_worlds if c2w is None else c2w).to(self.device).float()
         if downscale > 1:
+            camera = copy.copy(camera)  # rescaled below: leave the caller's (possibly cached) camera as it is
             camera.rescale_output_resolution(1 / downscale)
         Ks = camera.get_intrinsics_matrices().to(self.device)
         width, height = int(camera.width.item()), int(camera.height.item())
-        if downscale > 1:
-            camera.rescale_output_resolution(downscale)
-        return Ks, width, height
+        return camera_to_world_to_viewmat(c2w), Ks, c2w[:, :3, 3], width, height
 
     def _initial_strategy_state(self) -> dict:
         white = bool(torch.all(self.background_color == 1.0)) and self.config.background_color != "random"
@@ -328,11 +327,11 @@ class SplatExtModel(SplatfactoModel):
     def get_outputs(self, camera: Cameras) -> Dict[str, Union[torch.Tensor, List]]:
         if not isinstance(camera, Cameras):
             raise TypeError("splat-ext renders Cameras objects, got " + type(camera).__name__)
+        c2w: Optional[torch.Tensor] = None  # None: the camera's own pose
         if self.training:
             assert camera.shape[0] == 1, "splat-ext trains on one camera per step"
-            c2w = self.camera_optimizer.apply_to_camera(camera)
-        else:
-            c2w = camera.camera_to_worlds
+            if self.camera_optimizer.config.mode != "off":
+                c2w = self.camera_optimizer.apply_to_camera(camera).to(self.device).float()
 
         params = self.gauss_params
         means, quats, scales = params["means"], params["quats"], params["scales"]
@@ -343,10 +342,8 @@ class SplatExtModel(SplatfactoModel):
                 return self.get_empty_outputs(int(camera.width.item()), int(camera.height.item()), self.background_color.to(self.device))
             means, quats, scales, opacities, f_dc, f_rest = (t[keep] for t in (means, quats, scales, opacities, f_dc, f_rest))
 
-        Ks, width, height = self._intrinsics_and_size(camera, self._get_downscale_factor())
+        viewmats, Ks, centres, width, height = self._view(camera, c2w)
         self.last_size = (height, width)
-        c2w = c2w.to(means.device).float()
-        viewmats = camera_to_world_to_viewmat(c2w)
 
         render_mode = "RGB+ED" if (self.config.output_depth_during_training or not self.training) else "RGB"
         backend, rasterize = get_rasterizer(self.config.render_backend, means.device)
@@ -354,7 +351,7 @@ class SplatExtModel(SplatfactoModel):
         # View-dependent colours evaluated here rather than inside gsplat's rasterization, which inverts the view
         # matrices to find the camera centres (torch.inverse waits for the GPU); nerfstudio's c2w holds them.
         colors = view_dependent_colors(
-            get_spherical_harmonics(backend), self._sh_degree_to_use(), means, f_dc, f_rest, c2w[:, :3, 3]
+            get_spherical_harmonics(backend), self._sh_degree_to_use(), means, f_dc, f_rest, centres
         )
         render, alpha, info = rasterize(
             means=means,
