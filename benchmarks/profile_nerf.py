@@ -30,6 +30,31 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def timed(totals, name, fn):
+    """fn wrapped so that its time, between two CUDA synchronisations, adds to totals[name]."""
+    def wrapper(*a, **k):
+        sync()
+        t = time.perf_counter()
+        out = fn(*a, **k)
+        sync()
+        totals[name] += time.perf_counter() - t
+        return out
+
+    return wrapper
+
+
+def trainer_step(trainer, i: int) -> None:
+    """One training step as nerfstudio's loop runs it: callbacks before, the iteration, callbacks after."""
+    from nerfstudio.engine.callbacks import TrainingCallbackLocation
+
+    trainer.pipeline.train()
+    for callback in trainer.callbacks:
+        callback.run_callback_at_location(i, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
+    trainer.train_iteration(i)
+    for callback in trainer.callbacks:
+        callback.run_callback_at_location(i, location=TrainingCallbackLocation.AFTER_TRAIN_ITERATION)
+
+
 def build_trainer(data: Path, flags: str, out_dir: Path, base=None):
     """The trainer of `base` (default: splat-ext-nerf's config) with ns-train `flags`, set up in this process."""
     import tyro
@@ -113,7 +138,6 @@ def main() -> None:
                         help="also record this many steps with torch.profiler: GPU busy time per step and the top ops")
     args = parser.parse_args()
 
-    from nerfstudio.engine.callbacks import TrainingCallbackLocation
     from nerfstudio_splat_ext.model_components import occupancy_grid as grid_module
 
     trainer = build_trainer(args.data, args.flags, Path("/tmp/profile_nerf_runs"))
@@ -121,12 +145,7 @@ def main() -> None:
     rays_per_step = trainer.config.pipeline.datamanager.train_num_rays_per_batch
 
     def step(i: int) -> None:
-        trainer.pipeline.train()
-        for callback in trainer.callbacks:
-            callback.run_callback_at_location(i, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
-        trainer.train_iteration(i)
-        for callback in trainer.callbacks:
-            callback.run_callback_at_location(i, location=TrainingCallbackLocation.AFTER_TRAIN_ITERATION)
+        trainer_step(trainer, i)
 
     t0 = time.time()
     for i in range(args.warmup):
@@ -149,18 +168,8 @@ def main() -> None:
     totals = defaultdict(float)
     counts = defaultdict(float)
 
-    def timed(name, fn):
-        def wrapper(*a, **k):
-            sync()
-            t = time.perf_counter()
-            out = fn(*a, **k)
-            sync()
-            totals[name] += time.perf_counter() - t
-            return out
-        return wrapper
-
     dm = trainer.pipeline.datamanager
-    dm.next_train = timed("datamanager", dm.next_train)
+    dm.next_train = timed(totals, "datamanager", dm.next_train)
     grid = model.occupancy_grid
     orig_sample = grid.sample
 
@@ -169,17 +178,17 @@ def main() -> None:
         if sigma_fn is not None:
             def counted(x, d):
                 counts["marched"] += x.shape[0]
-                return timed("density pass", sigma_fn)(x, d)
+                return timed(totals, "density pass", sigma_fn)(x, d)
             k["sigma_fn"] = counted
         out = orig_sample(*a, **k)
         counts["kept"] += out.ray_indices.numel()
         counts["rays"] += out.num_rays
         return out
 
-    grid.sample = timed("marching + density pass", sample)
-    model._fine_forward = timed("network with gradients (forward)", model._fine_forward)
-    grid.update = timed("grid update", grid.update)
-    model.get_outputs = timed("get_outputs (all)", model.get_outputs)
+    grid.sample = timed(totals, "marching + density pass", sample)
+    model._fine_forward = timed(totals, "network with gradients (forward)", model._fine_forward)
+    grid.update = timed(totals, "grid update", grid.update)
+    model.get_outputs = timed(totals, "get_outputs (all)", model.get_outputs)
     step_total = 0.0
     for i in range(args.warmup + args.steps, args.warmup + 2 * args.steps):
         sync()

@@ -30,24 +30,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from profile_nerf import build_trainer, sync, sync_sites, torch_profile  # noqa: E402
+from profile_nerf import build_trainer, sync, sync_sites, timed, torch_profile, trainer_step  # noqa: E402
 
 END_OF_RUN_FLAGS = (
     "--pipeline.model.num-random 300000 --pipeline.model.sh-degree-interval 100 "
     "--pipeline.model.strategy.refine-start-iter 1000000000 --pipeline.model.strategy.refine-stop-iter 0"
 )
-
-
-def timed(totals, name, fn):
-    def wrapper(*a, **k):
-        sync()
-        t = time.perf_counter()
-        out = fn(*a, **k)
-        sync()
-        totals[name] += time.perf_counter() - t
-        return out
-
-    return wrapper
 
 
 def raster_floor(model, datamanager, reps: int) -> float:
@@ -150,12 +138,7 @@ def main() -> None:
     first = trainer._start_step
 
     def step(i: int) -> None:
-        trainer.pipeline.train()
-        for callback in trainer.callbacks:
-            callback.run_callback_at_location(i, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
-        trainer.train_iteration(i)
-        for callback in trainer.callbacks:
-            callback.run_callback_at_location(i, location=TrainingCallbackLocation.AFTER_TRAIN_ITERATION)
+        trainer_step(trainer, i)
 
     t0 = time.time()
     for i in range(first, first + args.warmup):
