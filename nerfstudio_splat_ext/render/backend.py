@@ -44,14 +44,10 @@ def _rasterizer_for(backend: RenderBackend, device_type: str) -> Tuple[str, Call
     return name, rasterization_reference
 
 
-def get_spherical_harmonics(backend_name: str) -> Callable:
-    """SH evaluation of a resolved backend name ('gsplat' or 'reference')."""
-    return _spherical_harmonics_for(backend_name)
-
-
 @lru_cache(maxsize=None)
-def _spherical_harmonics_for(name: str) -> Callable:
-    if name == "gsplat":
+def get_spherical_harmonics(backend_name: str) -> Callable:
+    """SH evaluation of a resolved backend name ('gsplat' or 'reference'), imported once."""
+    if backend_name == "gsplat":
         from gsplat.cuda._wrapper import spherical_harmonics
 
         return spherical_harmonics
