@@ -97,9 +97,16 @@ class SplatExtModelConfig(SplatfactoModelConfig):
     """Initialise from random points even when the dataparser provides SfM points."""
     num_random: int = 100_000
     """Number of random points (Inria-style random init) when there are no SfM points."""
+    random_init_placement: Literal["auto", "box", "views"] = "auto"
+    """Where random points go when there are no SfM points. 'box': uniformly in the scene box (the paper's
+    initialisation of synthetic scenes); 'views': on training rays where the other views see the same colour, with
+    that colour (model_components/seed_points.py); 'auto': 'box' when the dataset has a background colour (objects
+    composited on a known background), else 'views' (photographs)."""
     random_init_box_scale: float = 1.0
-    """Random points are drawn uniformly in the scene box scaled by this factor about its centre. (On fox at
-    67x120 on CPU, 5 instead of 1 lowered test PSNR from 21.7 to 17.8 dB: BENCHMARKS.md.)"""
+    """'box' placement: random points are drawn uniformly in the scene box scaled by this factor about its centre.
+    (On fox at 67x120 on CPU, 5 instead of 1 lowered test PSNR from 21.7 to 17.8 dB: BENCHMARKS.md.)"""
+    random_init_depth_range: Tuple[float, float] = (0.1, 10.0)
+    """'views' placement: depths of the candidate points along the rays, in units of the cameras' extent."""
     init_opacity: float = 0.1
     sh_degree: int = 3
     sh_degree_interval: int = 1000
@@ -168,6 +175,7 @@ class SplatExtModel(SplatfactoModel):
         self.register_buffer("near_plane", torch.tensor(cfg.near_plane if cfg.near_plane is not None else 0.01))
         self._near_plane = float(self.near_plane)  # host copy: reading the buffer each step would sync the GPU
         self.camera_optimizer = cfg.camera_optimizer.setup(num_cameras=self.num_train_data, device="cpu")
+        self._random_initialised = seed_xyz is None
 
         from torchmetrics.image import PeakSignalNoiseRatio
 
@@ -217,6 +225,10 @@ class SplatExtModel(SplatfactoModel):
         if self.config.near_plane is None:
             self.near_plane.fill_(self.scene_extent / 25.0)
         self._near_plane = float(self.near_plane)
+        if self._random_initialised and self._random_placement() == "views" and pipeline is not None:
+            # Here, not in populate_modules: the model gets no cameras or images before training starts. A resumed
+            # run overwrites these values with the checkpoint's afterwards.
+            self._place_on_views(pipeline.datamanager.train_dataset)
         if self.config.position_lr_scale_by_extent:
             self._scale_position_lr(training_callback_attributes.optimizers, self.scene_extent)
         self.strategy.check_sanity(self.gauss_params, training_callback_attributes.optimizers.optimizers)
@@ -229,6 +241,39 @@ class SplatExtModel(SplatfactoModel):
             ),
             TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], self.step_post_backward),
         ]
+
+    def _random_placement(self) -> str:
+        placement = self.config.random_init_placement
+        if placement == "auto":
+            has_background = (self.kwargs.get("metadata") or {}).get("background_color") is not None
+            placement = "box" if has_background else "views"
+        return placement
+
+    @torch.no_grad()
+    def _place_on_views(self, dataset) -> None:
+        """Move the random Gaussians onto view-consistent points of the training images (same count)."""
+        from nerfstudio_splat_ext.model_components.seed_points import view_consistent_seed_points
+
+        cameras = dataset.cameras
+        n = self.num_points
+        extent = self.scene_extent or 1.0
+        near, far = (extent * f for f in self.config.random_init_depth_range)
+        CONSOLE.log(f"splat-ext: placing {n} random Gaussians on points the {len(cameras)} training views agree on")
+        images = [dataset.get_image_uint8(i) for i in range(len(cameras))]
+        device = self.device if self.device.type == "cuda" else "cpu"  # the plane sweep is cheap on a GPU
+        means, colours, stats = view_consistent_seed_points(
+            cameras.camera_to_worlds.to(device), cameras.get_intrinsics_matrices(), images, n, near, far
+        )
+        means, colours = means.cpu(), colours.cpu()
+        CONSOLE.log(
+            f"splat-ext: {stats.depths_per_ray} depths tested per ray; the best depth agrees with half of the views or "
+            f"more for {100 * stats.confident_fraction:.0f}% of the rays"
+        )
+        params = self.gauss_params
+        params["means"].data.copy_(means.to(params["means"]))
+        params["features_dc"].data.copy_(rgb_to_sh_dc(colours).to(params["features_dc"]))
+        scales = torch.log(knn_mean_distance(means).clamp_min(1e-7))[:, None].repeat(1, 3)
+        params["scales"].data.copy_(scales.to(params["scales"]))
 
     def _view(self, camera: Cameras, c2w: Optional[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
         """viewmats [1,4,4], Ks [1,3,3], camera centres [1,3] (on the model's device), width, height of the image
