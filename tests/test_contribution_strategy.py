@@ -87,7 +87,8 @@ def test_contribution_pass_prunes_the_gaussians_that_hurt():
         params["scales"].copy_(log_scales)
         params["opacities"].copy_(opacity_logits[:, None])
     strategy = ContributionStrategy(kind="contribution", refine_start_iter=0, refine_every=3, refine_stop_iter=100,
-                                    reset_every=1000, grad_threshold=1e9, min_contribution_views=2)
+                                    reset_every=1000, grad_threshold=1e9, min_contribution_views=2,
+                                    fill_budget=False)  # pruning alone: no growth into the default budget
     state = strategy.initialize_state(scene_extent=10.0)
     for step in (1, 2, 3):
         rgb, _, info = _render(params["means"], torch.exp(params["scales"]), torch.sigmoid(params["opacities"]).squeeze(-1), colors)
@@ -212,3 +213,18 @@ def test_swap_makes_room_for_gradient_candidates_at_the_cap():
     assert not any(int((ids == i).sum()) for i in range(6, 12))
     assert all(int((ids == i).sum()) == 1 for i in range(12, n))
 
+
+
+def test_contribution_without_a_cap_is_budgeted_at_twice_the_initial_count():
+    s = ContributionStrategy(kind="contribution", refine_start_iter=2, refine_stop_iter=200, refine_every=2,
+                             reset_every=1000, budget_ramp_until=30)
+    params, optimizers = _tagged_scene(n_hot_small=6, n_hot_big=6, n_dead=0, n_plain=10)
+    n0 = params["means"].shape[0]
+    state = s.initialize_state(1.0)
+    counts = []
+    for step in range(60):
+        _toy_step(s, params, optimizers, state, step)
+        counts.append(check_layout(params, optimizers, state))
+    assert s.budget_at(30, n0) == 2 * n0
+    assert max(counts) <= 2 * n0 and counts[-1] > n0  # grows, up to the default budget and no further
+    assert ContributionStrategy(kind="adc").budget_at(30, n0) is None  # adc stays unbudgeted unless asked

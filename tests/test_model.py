@@ -11,6 +11,7 @@ from nerfstudio.data.scene_box import SceneBox
 from nerfstudio.engine.optimizers import AdamOptimizerConfig, Optimizers
 from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
 
+from nerfstudio_splat_ext.strategy import ContributionStrategy
 from nerfstudio_splat_ext.models.splat_ext import (
     SH_C0,
     SplatExtModel,
@@ -162,3 +163,12 @@ def test_cached_training_views_render_what_the_cameras_render():
     camera.metadata = {"cam_idx": 0}
     assert model.get_outputs(camera)["rgb"].shape == (12, 16, 3)
     assert int(camera.width) == 32 and float(camera.fy) == 40.0
+
+
+def test_auto_strategy_and_placement_follow_the_kind_of_images():
+    photos = make_model(num_random=100, metadata={})
+    objects = make_model(num_random=100, metadata={"background_color": torch.ones(3)})
+    assert photos.strategy.kind == "contribution" and photos._random_placement() == "views"
+    assert objects.strategy.kind == "adc" and objects._random_placement() == "box"
+    forced = make_model(num_random=100, metadata={}, strategy=ContributionStrategy(kind="adc"))
+    assert forced.strategy.kind == "adc"

@@ -12,6 +12,7 @@ splats (same parameter names and layout), and replaces the parts that make the m
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Dict, List, Literal, Optional, Tuple, Type, Union
 
@@ -125,7 +126,8 @@ class SplatExtModelConfig(SplatfactoModelConfig):
     loss: PhotometricLossConfig = field(default_factory=PhotometricLossConfig)
     strategy: ContributionStrategy = field(default_factory=ContributionStrategy)
     """Density control: Kerbl et al. 2023's Algorithm 1 with its schedule and thresholds (kind 'adc'), optionally
-    with render-loss contribution pruning, contribution-weighted growth and a Gaussian budget (kind 'contribution')."""
+    with render-loss contribution pruning, contribution-weighted growth and a Gaussian budget (kind 'contribution');
+    kind 'auto' (default) takes 'contribution' for photographs and 'adc' for objects on a known background."""
     output_depth_during_training: bool = False
 
 
@@ -186,6 +188,10 @@ class SplatExtModel(SplatfactoModel):
         self.crop_box = None
         self.background_color = resolve_background(cfg.background_color, self.kwargs.get("metadata"))
         self.strategy = cfg.strategy
+        if self.strategy.kind == "auto":
+            kind = "contribution" if self._photographs() else "adc"
+            self.strategy = dataclasses.replace(cfg.strategy, kind=kind)
+            CONSOLE.log(f"splat-ext: density control '{kind}' ({'photographs' if kind == 'contribution' else 'objects on a known background'})")
         self.strategy_state: Optional[dict] = None
         self.scene_extent: Optional[float] = None
         self.info: dict = {}
@@ -242,11 +248,15 @@ class SplatExtModel(SplatfactoModel):
             TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], self.step_post_backward),
         ]
 
+    def _photographs(self) -> bool:
+        """Whether the training images are photographs (the dataparser reports no background colour), as opposed to
+        objects composited on a known background."""
+        return (self.kwargs.get("metadata") or {}).get("background_color") is None
+
     def _random_placement(self) -> str:
         placement = self.config.random_init_placement
         if placement == "auto":
-            has_background = (self.kwargs.get("metadata") or {}).get("background_color") is not None
-            placement = "box" if has_background else "views"
+            placement = "views" if self._photographs() else "box"
         return placement
 
     @torch.no_grad()
