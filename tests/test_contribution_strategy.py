@@ -27,19 +27,24 @@ def test_kind_adc_is_exactly_adc():
         torch.testing.assert_close(runs[1][1][name], value)
 
 
+def _train_toy_scene(strategy: ContributionStrategy, steps: int = 60):
+    """Gaussian count after each of `steps` toy steps (layout checked every step), and the initial count."""
+    params, optimizers = _tagged_scene(n_hot_small=6, n_hot_big=6, n_dead=0, n_plain=10)
+    n0 = params["means"].shape[0]
+    state = strategy.initialize_state(1.0)
+    counts = []
+    for step in range(steps):
+        _toy_step(strategy, params, optimizers, state, step)
+        counts.append(check_layout(params, optimizers, state))
+    return counts, n0
+
+
 def test_budget_ramps_to_the_cap_and_is_never_exceeded():
     cap = 60
     s = ContributionStrategy(kind="contribution", max_gaussians=cap, refine_start_iter=2, refine_stop_iter=200,
                              refine_every=2, reset_every=1000, budget_ramp_until=30)
-    params, optimizers = _tagged_scene(n_hot_small=6, n_hot_big=6, n_dead=0, n_plain=10)
-    n0 = params["means"].shape[0]
-    state = s.initialize_state(1.0)
-    counts = []
-    for step in range(60):
-        _toy_step(s, params, optimizers, state, step)
-        n = check_layout(params, optimizers, state)
-        assert n <= cap and n <= s.budget_at(step, n0)
-        counts.append(n)
+    counts, n0 = _train_toy_scene(s)
+    assert all(n <= cap and n <= s.budget_at(step, n0) for step, n in enumerate(counts))
     assert counts[10] < cap  # still ramping at step 10
     assert counts[-1] == cap  # reaches the cap once the ramp is over
     assert s.budget_at(0, n0) == n0 and s.budget_at(30, n0) == cap
@@ -218,13 +223,7 @@ def test_swap_makes_room_for_gradient_candidates_at_the_cap():
 def test_contribution_without_a_cap_is_budgeted_at_twice_the_initial_count():
     s = ContributionStrategy(kind="contribution", refine_start_iter=2, refine_stop_iter=200, refine_every=2,
                              reset_every=1000, budget_ramp_until=30)
-    params, optimizers = _tagged_scene(n_hot_small=6, n_hot_big=6, n_dead=0, n_plain=10)
-    n0 = params["means"].shape[0]
-    state = s.initialize_state(1.0)
-    counts = []
-    for step in range(60):
-        _toy_step(s, params, optimizers, state, step)
-        counts.append(check_layout(params, optimizers, state))
+    counts, n0 = _train_toy_scene(s)
     assert s.budget_at(30, n0) == 2 * n0
     assert max(counts) <= 2 * n0 and counts[-1] > n0  # grows, up to the default budget and no further
     assert ContributionStrategy(kind="adc").budget_at(30, n0) is None  # adc stays unbudgeted unless asked
