@@ -87,3 +87,38 @@ def test_rejects_bad_depth_range():
     c2w, K, images = _plane_scene(2, seed=0)
     with pytest.raises(ValueError, match="near"):
         view_consistent_seed_points(c2w, K, images, 10, near=2.0, far=1.0)
+
+
+def test_model_places_its_random_gaussians_on_the_views(monkeypatch):
+    """The splat-ext model, on photographs without SfM points, moves its initial Gaussians onto the surface the views
+    agree on and colours them from the images (what ns-train does at the start of training)."""
+    from nerfstudio.cameras.cameras import Cameras
+    from test_model import make_model
+
+    from nerfstudio_splat_ext.models.splat_ext import SH_C0
+
+    c2w, K, images = _plane_scene(8, seed=3)
+    cameras = Cameras(camera_to_worlds=c2w, fx=K[:, 0, 0:1], fy=K[:, 1, 1:2], cx=K[:, 0, 2:3], cy=K[:, 1, 2:3],
+                      width=SIZE, height=SIZE)
+
+    class Dataset:  # the two things the model reads from nerfstudio's InputDataset
+        def __init__(self):
+            self.cameras = cameras
+
+        def get_image_uint8(self, index):
+            return images[index]
+
+    model = make_model(num_random=1500, metadata={})
+    assert model._random_placement() == "views"
+    before = model.gauss_params["means"].detach().clone()
+    model.scene_extent = 2.0
+    monkeypatch.setattr(model.config, "random_init_depth_range", (0.25, 3.0))  # 0.5 to 6 world units
+    model._place_on_views(Dataset())
+    means = model.gauss_params["means"].detach()
+    assert means.shape == before.shape
+    # The model tests 32 depths per ray: about 0.18 apart near the plane.
+    on_plane = (means[:, 2].abs() < 0.2).float().mean()
+    assert on_plane > 0.75 and on_plane > (before[:, 2].abs() < 0.2).float().mean() + 0.3
+    colours = model.gauss_params["features_dc"].detach() * SH_C0 + 0.5
+    assert colours.min() >= 0 and colours.max() <= 1
+    assert torch.isfinite(model.gauss_params["scales"]).all()
