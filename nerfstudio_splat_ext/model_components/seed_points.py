@@ -21,8 +21,6 @@ import torch
 class SeedStats:
     rays: int
     depths_per_ray: int
-    mean_best_agreement: float
-    """Mean over rays of the best depth's agreement (fraction of the other views that see the ray's colour there)."""
     confident_fraction: float
     """Fraction of rays whose best depth agrees with at least half of the views that see it."""
 
@@ -123,11 +121,9 @@ def view_consistent_seed_points(
         best_depth[rays] = depths[rays].gather(1, pick[:, None]).squeeze(1)
 
     means = c2w[src, :3, 3] + best_depth[:, None] * ray_dirs
-    valid = best_score.clamp_min(0)
     stats = SeedStats(
         rays=num_points,
         depths_per_ray=depths_per_ray,
-        mean_best_agreement=float(valid.mean()),
         confident_fraction=float((best_score >= 0.5).float().mean()),
     )
     return means, colours, stats

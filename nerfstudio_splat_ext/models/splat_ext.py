@@ -26,7 +26,7 @@ from torch.nn import Parameter
 
 from nerfstudio_splat_ext.losses.photometric import PhotometricLossConfig
 from nerfstudio_splat_ext.losses.ssim import ssim as ssim_fn
-from nerfstudio_splat_ext.model_components.background import resolve_background
+from nerfstudio_splat_ext.model_components.background import dataset_background, resolve_background
 from nerfstudio_splat_ext.render.backend import RenderBackend, get_rasterizer, get_spherical_harmonics
 from nerfstudio_splat_ext.strategy.contribution import ContributionStrategy
 from nerfstudio_splat_ext.utils.lpips import LazyLPIPS
@@ -251,7 +251,7 @@ class SplatExtModel(SplatfactoModel):
     def _photographs(self) -> bool:
         """Whether the training images are photographs (the dataparser reports no background colour), as opposed to
         objects composited on a known background."""
-        return (self.kwargs.get("metadata") or {}).get("background_color") is None
+        return dataset_background(self.kwargs.get("metadata")) is None
 
     def _random_placement(self) -> str:
         placement = self.config.random_init_placement

@@ -99,14 +99,9 @@ class ContributionStrategy(ADCStrategy):
 
     def budget_at(self, step: int, n_initial: int) -> Optional[int]:
         """How many Gaussians may exist after refining at ``step`` (None: no cap)."""
-        if self.max_gaussians is None:
-            if self.kind != "contribution":
-                return None
-            cap = int(self.budget_growth_factor * n_initial)
-        else:
-            cap = int(self.max_gaussians)
         if self.kind != "contribution":
-            return cap
+            return None if self.max_gaussians is None else int(self.max_gaussians)
+        cap = int(self.max_gaussians if self.max_gaussians is not None else self.budget_growth_factor * n_initial)
         ramp_end = self.budget_ramp_until if self.budget_ramp_until is not None else self.refine_stop_iter // 2
         span = max(ramp_end - self.refine_start_iter, 1)
         progress = min(max((step - self.refine_start_iter) / span, 0.0), 1.0)
