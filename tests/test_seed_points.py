@@ -89,7 +89,8 @@ def test_rejects_bad_depth_range():
         view_consistent_seed_points(c2w, K, images, 10, near=2.0, far=1.0)
 
 
-def test_model_places_its_random_gaussians_on_the_views(monkeypatch):
+@pytest.mark.parametrize("image_cache", [False, True], ids=["decodes", "datamanager-cache"])
+def test_model_places_its_random_gaussians_on_the_views(monkeypatch, image_cache):
     """The splat-ext model, on photographs without SfM points, moves its initial Gaussians onto the surface the views
     agree on and colours them from the images (what ns-train does at the start of training)."""
     from nerfstudio.cameras.cameras import Cameras
@@ -101,19 +102,29 @@ def test_model_places_its_random_gaussians_on_the_views(monkeypatch):
     cameras = Cameras(camera_to_worlds=c2w, fx=K[:, 0, 0:1], fy=K[:, 1, 1:2], cx=K[:, 0, 2:3], cy=K[:, 1, 2:3],
                       width=SIZE, height=SIZE)
 
-    class Dataset:  # the two things the model reads from nerfstudio's InputDataset
+    class Dataset:  # what the model reads from nerfstudio's InputDataset
         def __init__(self):
             self.cameras = cameras
 
+        def __len__(self):
+            return len(images)
+
         def get_image_uint8(self, index):
+            assert not image_cache, "decoded an image the datamanager had cached"
             return images[index]
+
+    class DataManager:  # without an image cache the model decodes the images itself
+        train_dataset = Dataset()
+
+    if image_cache:  # nerfstudio's full-image datamanagers: decoded (and undistorted) once, then read from here
+        DataManager.cached_train = [{"image": img, "image_idx": i} for i, img in enumerate(images)]
 
     model = make_model(num_random=1500, metadata={})
     assert model._random_placement() == "views"
     before = model.gauss_params["means"].detach().clone()
     model.scene_extent = 2.0
     monkeypatch.setattr(model.config, "random_init_depth_range", (0.25, 3.0))  # 0.5 to 6 world units
-    model._place_on_views(Dataset())
+    model._place_on_views(DataManager())
     means = model.gauss_params["means"].detach()
     assert means.shape == before.shape
     # The model tests 32 depths per ray: about 0.18 apart near the plane.

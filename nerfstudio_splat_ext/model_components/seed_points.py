@@ -48,7 +48,7 @@ def view_consistent_seed_points(
     depths_per_ray: int = 32,
     min_views: int = 3,
     colour_tolerance: float = 0.1,
-    chunk: int = 65_536,
+    chunk: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, SeedStats]:
     """`num_points` positions [N,3] and RGB colours [N,3] in [0,1], one per random training pixel.
@@ -58,7 +58,8 @@ def view_consistent_seed_points(
     the mean over the other views that see it of exp(-(d / colour_tolerance)^2), d the largest per-channel
     difference between the ray's colour and the view's pixel there; depths seen by fewer than `min_views` cameras
     (the source included) score nothing. The ray's point is its best-scoring depth (a random one among ties, as in
-    textureless regions). Runs on the device of `c2w`."""
+    textureless regions). Runs on the device of `c2w`, `chunk` sample points at a time (default: 64k on a CPU; on a
+    GPU 2^27 / cameras, as each chunk's loop over the cameras waits on the device)."""
     if num_points <= 0:
         raise ValueError("num_points must be positive")
     if not 0 < near < far:
@@ -66,6 +67,8 @@ def view_consistent_seed_points(
     device = c2w.device
     c2w, Ks = c2w.float(), Ks.float().to(device)
     n_cams = c2w.shape[0]
+    if chunk is None:  # about 3 GB of projections per chunk on a GPU
+        chunk = max(1 << 16, (1 << 27) // n_cams) if device.type == "cuda" else 1 << 16
     rgb = [
         (img[..., :3].to(device).float() / 255.0 if img.dtype == torch.uint8 else img[..., :3].to(device).float())
         for img in images

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Dict, List, Literal, Optional, Tuple, Type, Union
 
@@ -234,7 +236,7 @@ class SplatExtModel(SplatfactoModel):
         if self._random_initialised and self._random_placement() == "views" and pipeline is not None:
             # Here, not in populate_modules: the model gets no cameras or images before training starts. A resumed
             # run overwrites these values with the checkpoint's afterwards.
-            self._place_on_views(pipeline.datamanager.train_dataset)
+            self._place_on_views(pipeline.datamanager)
         if self.config.position_lr_scale_by_extent:
             self._scale_position_lr(training_callback_attributes.optimizers, self.scene_extent)
         self.strategy.check_sanity(self.gauss_params, training_callback_attributes.optimizers.optimizers)
@@ -260,16 +262,16 @@ class SplatExtModel(SplatfactoModel):
         return placement
 
     @torch.no_grad()
-    def _place_on_views(self, dataset) -> None:
+    def _place_on_views(self, datamanager) -> None:
         """Move the random Gaussians onto view-consistent points of the training images (same count)."""
         from nerfstudio_splat_ext.model_components.seed_points import view_consistent_seed_points
 
-        cameras = dataset.cameras
+        images = self._training_images(datamanager)
+        cameras = datamanager.train_dataset.cameras  # after the cache: nerfstudio undistorts there and updates them
         n = self.num_points
         extent = self.scene_extent or 1.0
         near, far = (extent * f for f in self.config.random_init_depth_range)
         CONSOLE.log(f"splat-ext: placing {n} random Gaussians on points the {len(cameras)} training views agree on")
-        images = [dataset.get_image_uint8(i) for i in range(len(cameras))]
         device = self.device if self.device.type == "cuda" else "cpu"  # the plane sweep is cheap on a GPU
         means, colours, stats = view_consistent_seed_points(
             cameras.camera_to_worlds.to(device), cameras.get_intrinsics_matrices(), images, n, near, far
@@ -284,6 +286,18 @@ class SplatExtModel(SplatfactoModel):
         params["features_dc"].data.copy_(rgb_to_sh_dc(colours).to(params["features_dc"]))
         scales = torch.log(knn_mean_distance(means).clamp_min(1e-7))[:, None].repeat(1, 3)
         params["scales"].data.copy_(scales.to(params["scales"]))
+
+    @staticmethod
+    def _training_images(datamanager) -> List[torch.Tensor]:
+        """The training images [H,W,3+], from the datamanager's image cache when it has one (nerfstudio's full-image
+        datamanagers: the images are decoded and undistorted once, for the placement and for training), else decoded
+        here in parallel."""
+        cache = getattr(datamanager, "cached_train", None)
+        if cache is not None:
+            return [entry["image"] for entry in cache]
+        dataset = datamanager.train_dataset
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
+            return list(pool.map(dataset.get_image_uint8, range(len(dataset))))
 
     def _view(self, camera: Cameras, c2w: Optional[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
         """viewmats [1,4,4], Ks [1,3,3], camera centres [1,3] (on the model's device), width, height of the image
