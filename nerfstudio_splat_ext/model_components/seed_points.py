@@ -59,7 +59,7 @@ def view_consistent_seed_points(
     difference between the ray's colour and the view's pixel there; depths seen by fewer than `min_views` cameras
     (the source included) score nothing. The ray's point is its best-scoring depth (a random one among ties, as in
     textureless regions). Runs on the device of `c2w`, `chunk` sample points at a time (default: 64k on a CPU; on a
-    GPU 2^27 / cameras, as each chunk's loop over the cameras waits on the device)."""
+    GPU 2^26 / cameras, as each chunk's loop over the cameras waits on the device)."""
     if num_points <= 0:
         raise ValueError("num_points must be positive")
     if not 0 < near < far:
@@ -67,8 +67,8 @@ def view_consistent_seed_points(
     device = c2w.device
     c2w, Ks = c2w.float(), Ks.float().to(device)
     n_cams = c2w.shape[0]
-    if chunk is None:  # about 3 GB of projections per chunk on a GPU
-        chunk = max(1 << 16, (1 << 27) // n_cams) if device.type == "cuda" else 1 << 16
+    if chunk is None:  # about 1.5 GB of projections per chunk on a GPU
+        chunk = max(1 << 16, (1 << 26) // n_cams) if device.type == "cuda" else 1 << 16
     rgb = [
         (img[..., :3].to(device).float() / 255.0 if img.dtype == torch.uint8 else img[..., :3].to(device).float())
         for img in images
