@@ -82,6 +82,38 @@ def test_corrupt_png_names_the_file(tiny_synth, tmp_path):
     assert str(bad) in str(err.value) and "corrupt" in str(err.value)
 
 
+def test_first_corrupt_file_in_dataset_order_is_named(tiny_synth, tmp_path):
+    """The images are decoded in parallel; the error still names the first bad frame of the transforms file."""
+    data = _copy(tiny_synth, tmp_path / "scene")
+    frames = [f["file_path"] for f in json.loads((data / "transforms_train.json").read_text())["frames"]]
+    first, later = (data / (frames[i].replace("./", "") + ".png") for i in (5, 17))
+    for bad in (later, first):
+        bad.write_bytes(bad.read_bytes()[:200])
+    with pytest.raises(DatasetError) as err:
+        SplatExtDataParserConfig(data=data).setup().get_dataparser_outputs("train")
+    assert str(first) in str(err.value) and str(later) not in str(err.value)
+
+
+def test_nerfstudio_layout_decodes_each_image_once_for_both_splits(tiny_synth, tmp_path, monkeypatch):
+    """A nerfstudio-layout dataset lists every frame for each split; the check decodes each file once."""
+    from nerfstudio_splat_ext.dataparsers import splat_ext_dataparser
+
+    meta = json.loads((tiny_synth / "transforms_train.json").read_text())
+    data = tmp_path / "scene"
+    data.mkdir()
+    frames = []
+    for i, frame in enumerate(meta["frames"][:10]):
+        shutil.copy(tiny_synth / (frame["file_path"].replace("./", "") + ".png"), data / f"{i}.png")
+        frames.append({"file_path": f"{i}.png", "transform_matrix": frame["transform_matrix"]})
+    (data / "transforms.json").write_text(json.dumps({"fl_x": 50.0, "fl_y": 50.0, "cx": 32.0, "cy": 32.0, "w": 64, "h": 64, "frames": frames}))
+    decoded = []
+    original = splat_ext_dataparser._check_image
+    monkeypatch.setattr(splat_ext_dataparser, "_check_image", lambda path: (decoded.append(path), original(path)))
+    parser = SplatExtDataParserConfig(data=data).setup()
+    parser.get_dataparser_outputs("train"), parser.get_dataparser_outputs("test")
+    assert sorted(decoded) == sorted(data / f["file_path"] for f in frames)
+
+
 def test_transforms_without_frames_names_the_file(tiny_synth, tmp_path):
     data = _copy(tiny_synth, tmp_path / "scene")
     transforms = data / "transforms_train.json"

@@ -9,6 +9,8 @@ inside a worker thread.
 from __future__ import annotations
 
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Type
@@ -121,11 +123,17 @@ class SplatExtDataParser(DataParser):
 
     def _check_images(self, paths: List[Path]) -> None:
         # Before nerfstudio's parsers run: they open the first image themselves and fail with a bare traceback.
-        for path in paths:
-            if self.config.check_images:
-                _check_image(path)
-            else:
-                _check_image_exists(path)
+        # Each file once per parser (a nerfstudio-layout dataset lists every frame for each split), decoded in
+        # parallel (PIL decodes without holding the GIL); the first bad file in dataset order is the one reported.
+        checked = self.__dict__.setdefault("_checked_images", set())
+        todo = [path for path in dict.fromkeys(paths) if path not in checked]
+        for path in todo:
+            _check_image_exists(path)
+        if self.config.check_images and len(todo) > 0:
+            with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+                for _ in pool.map(_check_image, todo):
+                    pass
+        checked.update(todo)
 
     def _parse_blender(self, root: Path, split: str) -> DataparserOutputs:
         from nerfstudio.data.dataparsers.blender_dataparser import BlenderDataParserConfig
