@@ -86,6 +86,9 @@ _T_MIN = 1e-4
 # Upper bound on the number of (Gaussian, pixel) candidate pairs evaluated at once
 # in the (no-grad) pre-pass; bounds memory for large GPU scenes.
 _MAX_PAIRS_PER_CHUNK = 1 << 25
+# Candidate pairs per band of pixel rows (render/reference.py `_candidate_pairs`): bounds the pairs held before the
+# transmittance cut-off.
+_MAX_PAIRS_PER_BAND = 1 << 26
 
 
 # --------------------------------------------------------------------------- #
@@ -407,18 +410,56 @@ def _candidate_pairs(
     y0 = torch.where(ok, torch.maximum(y0, ey_lo), y0)
     y1 = torch.where(ok, torch.minimum(y1, ey_hi), y1)
     bw = torch.clamp(x1 - x0, min=0)
-    bh = torch.clamp(y1 - y0, min=0)
-    counts = bw * bh
     cam = torch.div(gids, n_per_cam, rounding_mode="floor")
-    # Per-Gaussian values gathered once per pair (1-D int64 / 2-D float gathers are
-    # the fast ones on CPU).
-    base = cam * (height * width) + y0 * width + x0  # global id of the box's first pixel
+    # Rows counted over all cameras (camera * H + y): global pixel ids grow with them, so pixel bands processed in
+    # order give pairs already sorted by pixel.
+    row0, row1 = cam * height + y0, cam * height + torch.clamp(y1, min=y0)
     bw1 = torch.clamp(bw, min=1)
     flt_tab = torch.cat([xy, conics[gids], opacities[gids, None]], dim=1)
 
-    # Chunk over Gaussians (still in depth order) to bound memory.
+    # Bands of rows bound the memory: every candidate pair of a band is held until the band's transmittance cut-off
+    # (Gaussians near a camera cover much of the image, and the pairs behind them are only dropped by that cut-off).
+    total = int((bw * (row1 - row0)).sum().item())
+    n_rows = int(cam.max().item() + 1) * height if gids.numel() else 0
+    n_bands = max(1, math.ceil(total / _MAX_PAIRS_PER_BAND))
+    band_rows = max(1, math.ceil(n_rows / n_bands))
+    out_g, out_p = [], []
+    for r0 in range(0, n_rows, band_rows):
+        g, p = _band_pairs(gids, flt_tab, x0, bw, bw1, row0, row1, r0, r0 + band_rows, width, height)
+        out_g.append(g)
+        out_p.append(p)
+    if not out_g:
+        return empty, empty
+    return torch.cat(out_g), torch.cat(out_p)
+
+
+def _band_pairs(
+    gids: Tensor,
+    flt_tab: Tensor,
+    x0: Tensor,
+    bw: Tensor,
+    bw1: Tensor,
+    row0: Tensor,
+    row1: Tensor,
+    band_start: int,
+    band_stop: int,
+    width: int,
+    height: int,
+) -> Tuple[Tensor, Tensor]:
+    """The composited pairs of the global rows [band_start, band_stop), sorted by (pixel, depth): each Gaussian's
+    pixel box (columns [x0, x0 + bw), global rows [row0, row1)) clipped to the band, the sigma / alpha tests, then
+    the transmittance cut-off."""
+    device = gids.device
+    empty = torch.empty(0, dtype=torch.int64, device=device)
+    r0 = torch.clamp(row0, min=band_start)
+    counts = bw * torch.clamp(torch.clamp(row1, max=band_stop) - r0, min=0)
+    base = r0 * width + x0  # global id of the clipped box's first pixel
+
+    # Chunk over Gaussians (still in depth order) to bound the candidates held at once.
     cum = torch.cumsum(counts, dim=0)
-    total = int(cum[-1].item())
+    total = int(cum[-1].item()) if cum.numel() else 0
+    if total == 0:
+        return empty, empty
     bounds = [0]
     if total > _MAX_PAIRS_PER_CHUNK:
         cuts = torch.arange(_MAX_PAIRS_PER_CHUNK, total, _MAX_PAIRS_PER_CHUNK, device=device)
