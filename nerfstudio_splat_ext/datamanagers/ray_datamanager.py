@@ -13,7 +13,6 @@ Images keep their alpha channel, so the model can composite the training targets
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple, Type
 
@@ -22,6 +21,8 @@ from nerfstudio.cameras.cameras import CameraType
 from nerfstudio.cameras.rays import RayBundle
 from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManager, VanillaDataManagerConfig
 from nerfstudio.utils.rich_utils import CONSOLE
+
+from nerfstudio_splat_ext.utils.threads import map_in_threads
 
 
 @dataclass
@@ -89,8 +90,7 @@ class SplatExtRayDataManager(VanillaDataManager):
         dataset = self.train_dataset
         cameras = dataset.cameras
         CONSOLE.print(f"Loading {len(dataset)} training images onto {self.device}...")
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            arrays = list(pool.map(dataset.get_numpy_image, range(len(dataset))))
+        arrays = map_in_threads(dataset.get_numpy_image, range(len(dataset)))
         channels = max(a.shape[-1] for a in arrays)
         tensors = []
         for a in arrays:

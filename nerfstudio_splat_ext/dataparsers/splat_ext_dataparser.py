@@ -9,13 +9,13 @@ inside a worker thread.
 from __future__ import annotations
 
 import json
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Type
+from typing import Any, Dict, List, Literal, Optional, Set, Type
 
 from nerfstudio.data.dataparsers.base_dataparser import DataParser, DataParserConfig, DataparserOutputs
+
+from nerfstudio_splat_ext.utils.threads import map_in_threads
 
 Layout = Literal["auto", "blender", "nerfstudio"]
 
@@ -87,6 +87,10 @@ def _check_image(path: Path) -> None:
 class SplatExtDataParser(DataParser):
     config: SplatExtDataParserConfig
 
+    def __init__(self, config: SplatExtDataParserConfig) -> None:
+        super().__init__(config)
+        self._checked_images: Set[Path] = set()  # a nerfstudio-layout dataset lists every frame for each split
+
     def _dataset_dir(self) -> Path:
         data = Path(self.config.data)
         if not data.exists():
@@ -123,17 +127,13 @@ class SplatExtDataParser(DataParser):
 
     def _check_images(self, paths: List[Path]) -> None:
         # Before nerfstudio's parsers run: they open the first image themselves and fail with a bare traceback.
-        # Each file once per parser (a nerfstudio-layout dataset lists every frame for each split), decoded in
-        # parallel (PIL decodes without holding the GIL); the first bad file in dataset order is the one reported.
-        checked = self.__dict__.setdefault("_checked_images", set())
-        todo = [path for path in dict.fromkeys(paths) if path not in checked]
+        # Each file once per parser, decoded in parallel; the first bad file in dataset order is the one reported.
+        todo = [path for path in dict.fromkeys(paths) if path not in self._checked_images]
         for path in todo:
             _check_image_exists(path)
-        if self.config.check_images and len(todo) > 0:
-            with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-                for _ in pool.map(_check_image, todo):
-                    pass
-        checked.update(todo)
+        if self.config.check_images:
+            map_in_threads(_check_image, todo)
+        self._checked_images.update(todo)
 
     def _parse_blender(self, root: Path, split: str) -> DataparserOutputs:
         from nerfstudio.data.dataparsers.blender_dataparser import BlenderDataParserConfig

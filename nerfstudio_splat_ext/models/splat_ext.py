@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Dict, List, Literal, Optional, Tuple, Type, Union
 
@@ -32,6 +30,7 @@ from nerfstudio_splat_ext.model_components.background import dataset_background,
 from nerfstudio_splat_ext.render.backend import RenderBackend, get_rasterizer, get_spherical_harmonics
 from nerfstudio_splat_ext.strategy.contribution import ContributionStrategy
 from nerfstudio_splat_ext.utils.lpips import LazyLPIPS
+from nerfstudio_splat_ext.utils.threads import map_in_threads
 
 SH_C0 = 0.28209479177387814  # Y_0^0, maps RGB to the DC spherical-harmonic coefficient
 
@@ -296,8 +295,7 @@ class SplatExtModel(SplatfactoModel):
         if cache is not None:
             return [entry["image"] for entry in cache]
         dataset = datamanager.train_dataset
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
-            return list(pool.map(dataset.get_image_uint8, range(len(dataset))))
+        return map_in_threads(dataset.get_image_uint8, range(len(dataset)))
 
     def _view(self, camera: Cameras, c2w: Optional[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
         """viewmats [1,4,4], Ks [1,3,3], camera centres [1,3] (on the model's device), width, height of the image

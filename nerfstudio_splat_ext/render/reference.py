@@ -420,17 +420,13 @@ def _candidate_pairs(
     # Bands of rows bound the memory: every candidate pair of a band is held until the band's transmittance cut-off
     # (Gaussians near a camera cover much of the image, and the pairs behind them are only dropped by that cut-off).
     total = int((bw * (row1 - row0)).sum().item())
-    n_rows = int(cam.max().item() + 1) * height if gids.numel() else 0
-    n_bands = max(1, math.ceil(total / _MAX_PAIRS_PER_BAND))
-    band_rows = max(1, math.ceil(n_rows / n_bands))
-    out_g, out_p = [], []
-    for r0 in range(0, n_rows, band_rows):
-        g, p = _band_pairs(gids, flt_tab, x0, bw, bw1, row0, row1, r0, r0 + band_rows, width, height)
-        out_g.append(g)
-        out_p.append(p)
-    if not out_g:
-        return empty, empty
-    return torch.cat(out_g), torch.cat(out_p)
+    n_rows = (means2d.shape[0] // n_per_cam) * height
+    band_rows = max(1, math.ceil(n_rows / max(1, math.ceil(total / _MAX_PAIRS_PER_BAND))))
+    bands = [
+        _band_pairs(gids, flt_tab, x0, bw, bw1, row0, row1, r0, r0 + band_rows, width, height)
+        for r0 in range(0, n_rows, band_rows)
+    ]
+    return torch.cat([g for g, _ in bands]), torch.cat([p for _, p in bands])
 
 
 def _band_pairs(
