@@ -42,11 +42,15 @@ METHODS: Dict[str, List[str]] = {
 
 # Runs the nerfstudio trainer in a child process and reports its peak GPU memory at exit.
 TRAIN_WRAPPER = r"""
-import atexit, json, os, sys, time, torch
+import time
+phases = {"wrapper_start": time.time()}  # wall-clock marks; the parent turns them into a per-phase breakdown
+import atexit, json, os, sys, torch
+phases["torch_imported"] = time.time()
 from offline_lpips import patch_offline_lpips
 patch_offline_lpips()
 from nerfstudio.engine.trainer import Trainer
 from nerfstudio.scripts.train import entrypoint
+phases["nerfstudio_imported"] = time.time()
 
 # Optional wall-clock budget (BENCH_TIME_BUDGET_S): training stops at the first step after the budget, counted from
 # the first training step (set-up excluded), and the last finished step is checkpointed for evaluation.
@@ -65,6 +69,12 @@ def _budgeted(iteration):
         clock["last"] = step
         return out
     return train_iteration
+_setup = Trainer.setup
+def setup(self, *args, **kwargs):
+    phases["setup_start"] = time.time()
+    _setup(self, *args, **kwargs)
+    phases["setup_end"] = time.time()
+Trainer.setup = setup
 _train = Trainer.train
 def train(self):
     # Wrap this trainer's own train_iteration (a subclass may override nerfstudio's): the instance attribute is what
@@ -76,13 +86,17 @@ def train(self):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.save_checkpoint(clock["last"])
-    seconds = time.time() - clock["t0"] if clock["t0"] else 0.0
+    phases["first_step"] = clock["t0"]
+    phases["train_end"] = time.time()
+    seconds = phases["train_end"] - clock["t0"] if clock["t0"] else 0.0
     print("BENCH_STEPS " + json.dumps({"steps": clock["steps"], "train_loop_s": seconds}), flush=True)
 Trainer.train = train
 
-def _report():
+def _report():  # registered first, so it runs after every other exit handler
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
     print("BENCH_PEAK_MEM " + json.dumps(peak), flush=True)
+    phases["exit_handlers_done"] = time.time()
+    print("BENCH_PHASES " + json.dumps(phases), flush=True)
 atexit.register(_report)
 sys.argv = ["ns-train"] + sys.argv[1:]
 entrypoint()
@@ -141,7 +155,6 @@ def train(
         *(dataparser or ["splat-ext-data"]),
     ]
     print(f"[bench] training {method}: {' '.join(cmd[3:])}", flush=True)
-    t0 = time.time()
     log_path = out_dir / f"train-{timestamp}.log"
     with open(log_path, "w") as log_file:  # streamed, so a run cut short still leaves its progress behind
         # benchmarks/ on the path of the child, for offline_lpips
@@ -149,13 +162,17 @@ def train(
         env = dict(os.environ, BENCH_TIME_BUDGET_S=str(time_budget_s), PYTHONPATH=os.pathsep.join(filter(None, [bench_dir, os.environ.get("PYTHONPATH")])))
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        t0 = time.time()
         proc = subprocess.run(cmd, stdout=log_file, stderr=subprocess.STDOUT, text=True, env=env)
-    wall = time.time() - t0
+        t_end = time.time()
+    wall = t_end - t0
     log = log_path.read_text()
     if proc.returncode != 0:
         raise RuntimeError(f"{method} training failed (see {log_path}):\n{log[-3000:]}")
-    peak, loop = 0, {}
+    peak, loop, marks = 0, {}, {}
     for line in log.splitlines():
+        if line.startswith("BENCH_PHASES "):
+            marks = json.loads(line.split(" ", 1)[1])
         if line.startswith("BENCH_PEAK_MEM "):
             peak = int(json.loads(line.split(" ", 1)[1]))
         if line.startswith("BENCH_STEPS "):
@@ -168,7 +185,21 @@ def train(
         "peak_gpu_mem_bytes": peak,
         "steps": loop.get("steps", steps),
         "train_loop_s": loop.get("train_loop_s"),
+        "phases_s": phase_breakdown(marks, t0, t_end),
     }
+
+
+def phase_breakdown(marks: dict, t_start: float, t_end: float) -> dict:
+    """Seconds per phase of one ns-train child, from its wall-clock marks and the parent's start and end times:
+    where the time outside the training loop goes."""
+    order = ["wrapper_start", "torch_imported", "nerfstudio_imported", "setup_start", "setup_end", "first_step",
+             "train_end", "exit_handlers_done"]
+    names = ["interpreter_start", "import_torch", "import_nerfstudio_and_plugins", "parse_and_build_config",
+             "trainer_setup", "setup_to_first_step", "training_loop", "exit_handlers", "interpreter_teardown"]
+    times = [t_start] + [marks.get(k) for k in order] + [t_end]
+    if any(t is None for t in times):
+        return {}
+    return {name: round(b - a, 3) for name, a, b in zip(names, times[:-1], times[1:])}
 
 
 def evaluate(run: dict, side_by_side: dict) -> dict:
@@ -313,7 +344,7 @@ def main() -> None:
         ours = shlex.split(args.ours) if method == "splat-ext" else []
         run = train(method, args.data, args.steps, args.out_dir, [*ours, *args.extra],
                     dataparser=shlex.split(args.dataparser), gpu=gpu)
-        print(f"[bench] {method}: trained in {run['train_wall_s']:.0f} s", flush=True)
+        print(f"[bench] {method}: trained in {run['train_wall_s']:.0f} s; phases (s): {json.dumps(run['phases_s'])}", flush=True)
         return run
 
     if not args.skip_train:

@@ -25,6 +25,11 @@ from nerfstudio_splat_ext.generative.data.datamanager import MultiObjectDataMana
 from nerfstudio_splat_ext.generative.pipeline import ObjectsPipelineConfig
 from nerfstudio_splat_ext.models.splat_ext_image import SplatExtImageModelConfig
 from nerfstudio_splat_ext.models.splat_ext_diffusion import SplatExtDiffusionModelConfig
+from nerfstudio_splat_ext.utils.startup import skip_external_method_stack_walk
+
+# nerfstudio loads this module (an entry point) before it builds its external-method placeholders: make those cheap
+# (about 4 s of every ns-* command's start-up; utils/startup.py says why).
+skip_external_method_stack_walk()
 
 MAX_STEPS = 30_000
 
