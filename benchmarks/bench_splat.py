@@ -92,7 +92,7 @@ def train(self):
     print("BENCH_STEPS " + json.dumps({"steps": clock["steps"], "train_loop_s": seconds}), flush=True)
 Trainer.train = train
 
-def _report():  # registered first, so it runs after every other exit handler
+def _report():  # registered before training starts: runs after the exit handlers that training registers
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
     print("BENCH_PEAK_MEM " + json.dumps(peak), flush=True)
     phases["exit_handlers_done"] = time.time()
@@ -195,7 +195,7 @@ def phase_breakdown(marks: dict, t_start: float, t_end: float) -> dict:
     order = ["wrapper_start", "torch_imported", "nerfstudio_imported", "setup_start", "setup_end", "first_step",
              "train_end", "exit_handlers_done"]
     names = ["interpreter_start", "import_torch", "import_nerfstudio_and_plugins", "parse_and_build_config",
-             "trainer_setup", "setup_to_first_step", "training_loop", "exit_handlers", "interpreter_teardown"]
+             "trainer_setup", "setup_to_first_step", "training_loop", "after_loop_and_exit_handlers", "interpreter_teardown"]
     times = [t_start] + [marks.get(k) for k in order] + [t_end]
     if any(t is None for t in times):
         return {}
