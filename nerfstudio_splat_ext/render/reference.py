@@ -86,8 +86,7 @@ _T_MIN = 1e-4
 # Upper bound on the number of (Gaussian, pixel) candidate pairs evaluated at once
 # in the (no-grad) pre-pass; bounds memory for large GPU scenes.
 _MAX_PAIRS_PER_CHUNK = 1 << 25
-# Candidate pairs per band of pixel rows (render/reference.py `_candidate_pairs`): bounds the pairs held before the
-# transmittance cut-off.
+# Candidate pairs per band of pixel rows in `_candidate_pairs`: bounds the pairs held before the transmittance cut-off.
 _MAX_PAIRS_PER_BAND = 1 << 26
 
 
@@ -453,8 +452,8 @@ def _band_pairs(
 
     # Chunk over Gaussians (still in depth order) to bound the candidates held at once.
     cum = torch.cumsum(counts, dim=0)
-    total = int(cum[-1].item()) if cum.numel() else 0
-    if total == 0:
+    total = int(cum[-1].item())  # gids is never empty here: _candidate_pairs returns early without visible Gaussians
+    if total == 0:  # no Gaussian covers a row of this band
         return empty, empty
     bounds = [0]
     if total > _MAX_PAIRS_PER_CHUNK:

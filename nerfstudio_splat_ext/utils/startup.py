@@ -16,12 +16,6 @@ from __future__ import annotations
 import sys
 
 
-def _caller_name(depth: int) -> str:
-    """Name of the function ``depth`` frames above the caller of this helper (``inspect.stack()[depth].function``
-    as seen from that caller)."""
-    return sys._getframe(depth + 1).f_code.co_name
-
-
 def skip_external_method_stack_walk() -> bool:
     """Make nerfstudio's external-method placeholders cheap to build. Returns True if applied."""
     try:
@@ -36,7 +30,7 @@ def skip_external_method_stack_walk() -> bool:
     def __post_init__(self) -> None:
         # nerfstudio's check is `inspect.stack()[2].function == "get_external_methods"`, counted from its own
         # __post_init__: frame 1 is the dataclass __init__, frame 2 the code that built the placeholder.
-        if _caller_name(2) == "get_external_methods":
+        if sys._getframe(2).f_code.co_name == "get_external_methods":
             return
         original(self)
 
