@@ -302,6 +302,35 @@ def test_cli_main(tmp_path: Path, capsys):
     assert "3 already there" in capsys.readouterr().out
 
 
+def test_cli_workers_write_the_same_dataset(tmp_path: Path, capsys):
+    def cfg(name: str, workers: int) -> ObjectsConfig:
+        return ObjectsConfig(
+            output_dir=tmp_path / name,
+            num_train=3,
+            num_heldout=2,
+            views=3,
+            resolution=16,
+            supersample=2,
+            num_points=64,
+            device="cpu",
+            workers=workers,
+        )
+
+    assert main(cfg("one", 1))["generated"] == 5
+    stats = main(cfg("two", 2))
+    assert stats["generated"] == 5 and stats["skipped"] == 0
+    assert "(2 processes)" in capsys.readouterr().out
+    one = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    two = sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file())
+    assert one == two and len(one) == 1 + 5 * (3 + 2)  # index.json; per object: 3 images, cameras, points
+    for rel in one:
+        assert (tmp_path / "one" / rel).read_bytes() == (tmp_path / "two" / rel).read_bytes(), rel
+    # resuming with workers skips what is there
+    assert main(cfg("two", 2))["skipped"] == 5
+    with pytest.raises(ValueError, match="--device cpu"):
+        main(ObjectsConfig(output_dir=tmp_path / "gpu", device="cuda", workers=2))
+
+
 # ---------------------------------------------------------------------------------------------
 # loaders
 # ---------------------------------------------------------------------------------------------

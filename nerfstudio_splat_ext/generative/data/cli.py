@@ -3,17 +3,20 @@
     splat-ext-objects --output-dir data/splat-ext-objects --num-train 2000 --num-heldout 100 --views 24 --resolution 128
     python -m nerfstudio_splat_ext.generative.data.cli --num-train 10 --num-heldout 2
 
-Rerunning the same command resumes (objects already written are skipped). Several processes can
-share the work: ``--num-shards 4 --shard-index i`` (e.g. one per GPU with ``--device cuda:i``).
+Rerunning the same command resumes (objects already written are skipped). ``--workers N`` renders
+with N processes on the CPU, one torch thread each (the tracer's per-step tensors are small, so
+processes scale where threads do not). Several machines or GPUs can share the work:
+``--num-shards 4 --shard-index i`` (e.g. one per GPU with ``--device cuda:i``).
 """
 
 from __future__ import annotations
 
 import math
+import multiprocessing
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List
 
 import torch
 import tyro
@@ -59,6 +62,9 @@ class ObjectsConfig:
     shard_index: int = 0
     num_shards: int = 1
     """Split the objects between several processes (object k goes to shard k % num_shards)."""
+    workers: int = 1
+    """Processes rendering this shard on the CPU, each with num_threads torch threads (0: one per CPU core).
+    Only for the CPU: several processes on one GPU are slower than one (its launches contend)."""
     overwrite: bool = False
     """Regenerate objects that are already there (needed to change the render settings of a root)."""
 
@@ -87,29 +93,57 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _generate_shard(config: ObjectsConfig, device: torch.device, shard_index: int, num_shards: int) -> Dict:
+    return generate_dataset(
+        config.output_dir,
+        config.dataset_spec(),
+        device=device,
+        overwrite=config.overwrite,
+        log=_log,
+        shard_index=shard_index,
+        num_shards=num_shards,
+        num_threads=config.num_threads,
+    )
+
+
+def _generate_with_workers(config: ObjectsConfig, device: torch.device, workers: int) -> Dict:
+    """Worker w of shard s renders shard s + num_shards * w of num_shards * workers: together, exactly shard s."""
+    jobs = [(config, device, config.shard_index + config.num_shards * w, config.num_shards * workers) for w in range(workers)]
+    # spawn, not fork: a forked child would inherit the parent's torch thread pools mid-state
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        results: List[Dict] = pool.starmap(_generate_shard, jobs)
+    return {key: sum(r[key] for r in results) for key in ("generated", "skipped", "seconds", "render_seconds")}
+
+
 def main(config: ObjectsConfig) -> Dict:
     device = resolve_device(config.device)
-    spec = config.dataset_spec()
+    workers = config.workers if config.workers > 0 else (multiprocessing.cpu_count() or 1)
+    if workers > 1 and device.type != "cpu":
+        raise ValueError(
+            f"--workers {workers} needs --device cpu: several processes on one GPU are slower than one "
+            "(use --num-shards / --shard-index with one process per GPU instead)"
+        )
+    config.dataset_spec().validate()  # fail here, not once per worker
     print(
         f"[splat-ext-objects] {config.output_dir}: {config.num_train} train + {config.num_heldout} held-out objects, "
-        f"{config.views} views at {config.resolution}x{config.resolution} on {device}",
+        f"{config.views} views at {config.resolution}x{config.resolution} on {device}"
+        + (f" ({workers} processes)" if workers > 1 else ""),
         flush=True,
     )
     t0 = time.perf_counter()
-    stats = generate_dataset(
-        config.output_dir,
-        spec,
-        device=device,
-        overwrite=config.overwrite,
-        log=lambda msg: print(msg, flush=True),
-        shard_index=config.shard_index,
-        num_shards=config.num_shards,
-        num_threads=config.num_threads,
-    )
+    if workers > 1:
+        stats = _generate_with_workers(config, device, workers)
+    else:
+        stats = _generate_shard(config, device, config.shard_index, config.num_shards)
     dt = time.perf_counter() - t0
-    per = stats["seconds"] / max(stats["generated"], 1)
+    # per object: wall time over all processes (what 2000 objects will take), not one process's render time
+    per = dt / max(stats["generated"], 1)
     print(
-        f"[splat-ext-objects] done in {dt:.1f} s: {stats['generated']} generated ({per:.2f} s/object), "
+        f"[splat-ext-objects] done in {dt:.1f} s: {stats['generated']} generated ({per:.2f} s/object of wall time), "
         f"{stats['skipped']} already there",
         flush=True,
     )
