@@ -283,9 +283,10 @@ def test_cameras_look_at_the_object(dataset: Path):
     assert offsets.mean() < 0.06 * RES and offsets.max() < 0.2 * RES
 
 
-def test_cli_main(tmp_path: Path, capsys):
-    cfg = ObjectsConfig(
-        output_dir=tmp_path / "cli",
+def _tiny_cli_config(root: Path, workers: int = 1) -> ObjectsConfig:
+    """Three objects (two train, one held-out) of 4 views at 16x16."""
+    return ObjectsConfig(
+        output_dir=root,
         num_train=2,
         num_heldout=1,
         views=4,
@@ -293,7 +294,12 @@ def test_cli_main(tmp_path: Path, capsys):
         supersample=1,
         num_points=128,
         device="cpu",
+        workers=workers,
     )
+
+
+def test_cli_main(tmp_path: Path, capsys):
+    cfg = _tiny_cli_config(tmp_path / "cli")
     stats = main(cfg)
     assert stats["generated"] == 3
     out = capsys.readouterr().out
@@ -303,30 +309,18 @@ def test_cli_main(tmp_path: Path, capsys):
 
 
 def test_cli_workers_write_the_same_dataset(tmp_path: Path, capsys):
-    def cfg(name: str, workers: int) -> ObjectsConfig:
-        return ObjectsConfig(
-            output_dir=tmp_path / name,
-            num_train=3,
-            num_heldout=2,
-            views=3,
-            resolution=16,
-            supersample=2,
-            num_points=64,
-            device="cpu",
-            workers=workers,
-        )
-
-    assert main(cfg("one", 1))["generated"] == 5
-    stats = main(cfg("two", 2))
-    assert stats["generated"] == 5 and stats["skipped"] == 0
+    one_root, two_root = tmp_path / "one", tmp_path / "two"
+    assert main(_tiny_cli_config(one_root))["generated"] == 3
+    stats = main(_tiny_cli_config(two_root, workers=2))
+    assert stats["generated"] == 3 and stats["skipped"] == 0
     assert "(2 processes)" in capsys.readouterr().out
-    one = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
-    two = sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file())
-    assert one == two and len(one) == 1 + 5 * (3 + 2)  # index.json; per object: 3 images, cameras, points
+    one = sorted(p.relative_to(one_root) for p in one_root.rglob("*") if p.is_file())
+    two = sorted(p.relative_to(two_root) for p in two_root.rglob("*") if p.is_file())
+    assert one == two and len(one) == 1 + 3 * (4 + 2)  # index.json; per object: 4 images, cameras, points
     for rel in one:
-        assert (tmp_path / "one" / rel).read_bytes() == (tmp_path / "two" / rel).read_bytes(), rel
+        assert (one_root / rel).read_bytes() == (two_root / rel).read_bytes(), rel
     # resuming with workers skips what is there
-    assert main(cfg("two", 2))["skipped"] == 5
+    assert main(_tiny_cli_config(two_root, workers=2))["skipped"] == 3
     with pytest.raises(ValueError, match="--device cpu"):
         main(ObjectsConfig(output_dir=tmp_path / "gpu", device="cuda", workers=2))
 

@@ -112,7 +112,8 @@ def _generate_shard(config: ObjectsConfig, device: torch.device, shard_index: in
 
 def _generate_with_workers(config: ObjectsConfig, device: torch.device, workers: int) -> Dict:
     """Worker w of shard s renders shard s + num_shards * w of num_shards * workers: together, exactly shard s."""
-    jobs = [(config, device, config.shard_index + config.num_shards * w, config.num_shards * workers) for w in range(workers)]
+    shards = [config.shard_index + config.num_shards * w for w in range(workers)]
+    jobs = [(config, device, shard, config.num_shards * workers) for shard in shards]
     # spawn, not fork: a forked child would inherit the parent's torch thread pools mid-state
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
         results: List[Dict] = pool.starmap(_generate_shard, jobs)
