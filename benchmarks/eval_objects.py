@@ -10,7 +10,7 @@ scanned object under EscherNet's protocol: views 0-9 are inputs in turn, views 1
 
 The GSO renders (512x512, cameras at ~1.5-1.9 around a unit cube) are brought to the training data's framing:
 composited on the model's background, area-averaged to the model's resolution, and the world scaled so that the
-cameras sit at the training camera radius (2.6). A uniform scale of the whole world changes no render, only the
+cameras sit at the training data's camera radius (from its index.json). A uniform scale of the whole world changes no render, only the
 units the model's depth outputs are expressed in.
 """
 
@@ -27,15 +27,16 @@ import torch.nn.functional as F
 
 GSO_INPUT_VIEWS = range(0, 10)
 GSO_TARGET_VIEWS = range(10, 25)
-TRAINING_CAMERA_RADIUS = 2.6
 
 
 def gso_batches(pipeline, gso_dir: Path) -> List[Dict]:
     """One datamanager-style batch (B = 1) per input view of the GSO object, at the pipeline's image size."""
+    from nerfstudio_splat_ext.generative.data.generator import read_index
     from nerfstudio_splat_ext.generative.data.loaders import load_gso_object
 
     dm = pipeline.datamanager
     size = dm.eval_dataset.width
+    camera_radius = float(read_index(dm.config.data)["settings"]["camera_radius"])
     views = load_gso_object(gso_dir)
     if views.num_views < GSO_TARGET_VIEWS.stop:
         raise ValueError(f"{gso_dir} has {views.num_views} views; the protocol needs {GSO_TARGET_VIEWS.stop}")
@@ -48,7 +49,7 @@ def gso_batches(pipeline, gso_dir: Path) -> List[Dict]:
     rgb = F.avg_pool2d(rgb, factor).permute(0, 2, 3, 1)
     images = torch.cat([rgb, torch.ones_like(rgb[..., :1])], dim=-1)
     c2w = views.c2w.clone()
-    c2w[:, :3, 3] *= TRAINING_CAMERA_RADIUS / c2w[:, :3, 3].norm(dim=-1).mean()
+    c2w[:, :3, 3] *= camera_radius / c2w[:, :3, 3].norm(dim=-1).mean()
     intr = views.intrinsics / factor
     dev = pipeline.device
     tgt = list(GSO_TARGET_VIEWS)
@@ -70,7 +71,7 @@ def gso_batches(pipeline, gso_dir: Path) -> List[Dict]:
 def evaluate_run(config_path: Path, gso_dir: Path | None, image_dir: Path | None) -> Dict:
     from nerfstudio.utils.eval_utils import eval_setup
 
-    _, pipeline, ckpt, step = eval_setup(config_path, test_mode="test")
+    _, pipeline, _, step = eval_setup(config_path, test_mode="test")
     model = pipeline.model
     out: Dict = {
         "config": str(config_path),

@@ -93,7 +93,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _log(msg: str) -> None:
+def _log(msg: str) -> None:  # a module function, not a lambda: spawned workers must unpickle it
     print(msg, flush=True)
 
 
@@ -122,7 +122,7 @@ def _generate_with_workers(config: ObjectsConfig, device: torch.device, workers:
 
 def main(config: ObjectsConfig) -> Dict:
     device = resolve_device(config.device)
-    workers = config.workers if config.workers > 0 else (multiprocessing.cpu_count() or 1)
+    workers = config.workers if config.workers > 0 else multiprocessing.cpu_count()
     if workers > 1 and device.type != "cpu":
         raise ValueError(
             f"--workers {workers} needs --device cpu: several processes on one GPU are slower than one "
