@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from nerfstudio_splat_ext.generative.diffusion.denoiser import GaussianMapDenoiser, fit_base_width
 from nerfstudio_splat_ext.generative.diffusion.schedule import DiffusionSchedule, ddim_timesteps
-from nerfstudio_splat_ext.generative.networks.unet import AUTOCAST_DTYPES, count_parameters
+from nerfstudio_splat_ext.generative.networks.unet import count_parameters
 from nerfstudio_splat_ext.generative.pipeline import ObjectsModel, composite, psnr
 from nerfstudio_splat_ext.generative.pixel_gaussians import (
     GaussianMapConfig,
@@ -93,8 +93,6 @@ class SplatExtDiffusionModelConfig(ModelConfig):
     gradient_checkpointing: bool = False
     """Recompute each denoiser call in the backward pass instead of storing its activations (stage 2 unrolls
     2 x ddim_steps calls per step: on a GPU at 128^2 this trades ~30% time for most of the activation memory)."""
-    cuda_autocast: Literal["bfloat16", "none"] = "bfloat16"
-    """On CUDA, run the denoiser (all but its float32 output convolution) in this precision; renders stay float32."""
     inference_seed: int = 0
     """Seed of the noise of :meth:`SplatExtDiffusionModel.predict_gaussians` (deterministic predictions)."""
     render_backend: RenderBackend = "auto"
@@ -166,7 +164,7 @@ class SplatExtDiffusionModel(ObjectsModel):
         attn = tuple(tcfg.attention_levels if cfg.denoiser_attention_levels is None else cfg.denoiser_attention_levels)
         rays = bool(getattr(tcfg, "ray_conditioning", True) if cfg.ray_conditioning is None else cfg.ray_conditioning)
         width = cfg.denoiser_base_width or fit_base_width(self.teacher_parameter_count, mults, blocks, attn, rays)
-        self.denoiser = GaussianMapDenoiser(width, mults, blocks, attn, rays, AUTOCAST_DTYPES[cfg.cuda_autocast])
+        self.denoiser = GaussianMapDenoiser(width, mults, blocks, attn, rays)
         self._init_output_layer(teacher)
         self.student_parameter_count = count_parameters(self.denoiser)
         if cfg.enforce_parameter_budget and self.student_parameter_count > self.teacher_parameter_count:

@@ -25,7 +25,7 @@ from nerfstudio.models.base_model import ModelConfig
 from torch import Tensor
 from torch.nn import Parameter
 
-from nerfstudio_splat_ext.generative.networks.unet import AUTOCAST_DTYPES, UNet, count_parameters
+from nerfstudio_splat_ext.generative.networks.unet import UNet, count_parameters
 from nerfstudio_splat_ext.generative.pipeline import ObjectsModel, composite, psnr
 from nerfstudio_splat_ext.generative.pixel_gaussians import (
     CHANNEL_SLICES,
@@ -74,8 +74,6 @@ class SplatExtImageModelConfig(ModelConfig):
     output_init_gain: float = 0.1
     """The U-Net's output convolution weights are scaled by this at initialisation, so the first maps stay near
     the initial bias (a plane of faint, small Gaussians at mid depth) instead of random Gaussians everywhere."""
-    cuda_autocast: Literal["bfloat16", "none"] = "bfloat16"
-    """On CUDA, run the U-Net (all but its float32 output convolution) in this precision; the renders stay float32."""
     render_backend: RenderBackend = "auto"
     """'auto': gsplat on CUDA, our pure-PyTorch reference on CPU."""
     reference_tile_size: int = 1
@@ -108,7 +106,6 @@ class SplatExtImageModel(ObjectsModel):
             channel_mults=cfg.channel_mults,
             num_res_blocks=cfg.num_res_blocks,
             attention_levels=cfg.attention_levels,
-            cuda_autocast=AUTOCAST_DTYPES[cfg.cuda_autocast],
         )
         self._init_output_layer()
         colour = torch.ones(3) if cfg.background_color == "white" else torch.zeros(3)

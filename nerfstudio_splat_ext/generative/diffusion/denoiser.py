@@ -39,7 +39,6 @@ class GaussianMapDenoiser(nn.Module):
         num_res_blocks: int = 1,
         attention_levels: Sequence[int] = (),
         ray_conditioning: bool = True,
-        cuda_autocast: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
         self.ray_conditioning = ray_conditioning
@@ -51,7 +50,6 @@ class GaussianMapDenoiser(nn.Module):
             num_res_blocks=num_res_blocks,
             attention_levels=attention_levels,
             time_embedding=True,
-            cuda_autocast=cuda_autocast,
         )
 
     @property

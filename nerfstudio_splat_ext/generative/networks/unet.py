@@ -17,10 +17,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "none": None}
-"""Names of the ``cuda_autocast`` settings of the models' configs."""
-
-
 def count_parameters(module: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
@@ -98,13 +94,8 @@ class UNet(nn.Module):
         num_res_blocks: int = 1,
         attention_levels: Sequence[int] = (),
         time_embedding: bool = False,
-        cuda_autocast: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
-        # On CUDA, run everything but the output convolution under autocast to this dtype (bfloat16: about twice as
-        # fast on tensor cores, no loss scaling). The output convolution stays float32: its channels are depths and
-        # positions, and bfloat16's 8 bits of mantissa would round a depth by about a pixel.
-        self.cuda_autocast = cuda_autocast
         if len(channel_mults) < 1 or num_res_blocks < 1 or base_width < 1:
             raise ValueError("UNet needs at least one level, one residual block per level and base_width >= 1")
         levels = len(channel_mults)
@@ -166,13 +157,6 @@ class UNet(nn.Module):
         m = self.size_multiple
         if x.shape[-1] % m or x.shape[-2] % m:
             raise ValueError(f"UNet input H, W must be divisible by {m}, got {tuple(x.shape[-2:])}")
-        autocast = self.cuda_autocast is not None and x.is_cuda
-        with torch.autocast(x.device.type, dtype=self.cuda_autocast or torch.bfloat16, enabled=autocast):
-            h = self._body(x, t)
-        return self.out_conv(h.float())
-
-    def _body(self, x: Tensor, t: Optional[Tensor]) -> Tensor:
-        """Features [B, C, H, W] before the output convolution."""
         emb = None
         if self.time_embedding:
             if t is None:
@@ -200,4 +184,4 @@ class UNet(nn.Module):
             h = attn(h)
             if not isinstance(up, nn.Identity):
                 h = up(F.interpolate(h, scale_factor=2.0, mode="nearest"))
-        return F.silu(self.out_norm(h))
+        return self.out_conv(F.silu(self.out_norm(h)))
