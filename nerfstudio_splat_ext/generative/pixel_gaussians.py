@@ -289,10 +289,12 @@ def _render_batch_in_one_call(
     """
     b, v = c2w.shape[:2]
     centres = c2w[..., :3, 3]  # [B, V, 3]
-    with torch.no_grad():  # one host sync per call, for the float planes gsplat takes
-        reach = float((g.means[:, None] - centres[:, :, None]).norm(dim=-1).amax())
-        extent = float(torch.maximum(g.means.abs().amax(), centres.abs().amax()))
-        footprint = 3.0 * float(g.scales.amax())
+    with torch.no_grad():  # one host sync per call (one .tolist()), for the float planes gsplat takes
+        reach, extent, footprint = torch.stack([
+            (g.means[:, None] - centres[:, :, None]).norm(dim=-1).amax(),
+            torch.maximum(g.means.abs().amax(), centres.abs().amax()),
+            3.0 * g.scales.amax(),
+        ]).tolist()
     far = 1.01 * reach + 1e-3
     spacing = 20.0 * far + 2.0 * extent + footprint + 1.0
     offset = torch.zeros(b, 3, device=g.means.device, dtype=g.means.dtype)
