@@ -7,6 +7,7 @@ a tiny generated dataset; and the ns-train entry point.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import subprocess
@@ -195,6 +196,38 @@ def test_denoiser_within_teacher_budget(teacher):
     cond = torch.randn(2, 9, RES, RES) * 10
     out = model.denoiser(x, torch.tensor([0, 99]), cond)
     assert out.shape == x.shape and out.abs().max() <= 1.0
+
+
+def test_teacher_initialised_denoiser_starts_as_the_teacher(objects: Path, teacher):
+    # A teacher with attention at its deepest level (random weights: the copy must hold for any weights).
+    torch.manual_seed(7)
+    deep = SplatExtImageModelConfig(**{**TINY_TEACHER, "attention_levels": (1,)}).setup(
+        scene_box=BOX, num_train_data=0, metadata={}
+    )
+    for p in deep.parameters():  # make every weight matter (zero-initialised layers included)
+        p.data.add_(0.05 * torch.randn_like(p))
+    model = student(deep.eval(), denoiser_init="teacher")
+    assert model.student_parameter_count <= model.teacher_parameter_count
+    # the teacher's network without its deepest decoder attention block, which the student leaves out
+    reference = copy.deepcopy(deep)
+    reference.unet.up_attn[0] = torch.nn.Identity()
+    _, batch = datamanager(objects).next_train(2)
+    src = composite(batch["source_image"], model.background)
+    args = (src, batch["source_c2w"], batch["source_intrinsics"])
+    cond = model.denoiser.condition(*args)
+    with torch.no_grad():
+        expected = reference.predict_canonical(*args)
+        for t in (torch.tensor([0, 20]), torch.tensor([7])):
+            got = model.denoiser(torch.randn(2, 15, RES, RES) * 3, t, cond)  # any noisy map: its weights start at 0
+            assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+        assert not torch.allclose(deep.predict_canonical(*args), expected, atol=1e-3)  # the left-out block mattered
+    # after one optimiser step the noisy map and the level reach the output
+    out = model.forward_batch(batch, 0)
+    sum(model.get_loss_dict(out, batch, {}).values()).backward()
+    assert model.denoiser.unet.in_conv.weight.grad[:, :16].abs().sum() > 0
+    # a teacher without that block cannot pay for the new input weights
+    with pytest.raises(ValueError, match="denoiser-init scratch"):
+        student(teacher, denoiser_init="teacher")
 
 
 @pytest.mark.parametrize("stage", [1, 2])

@@ -29,7 +29,11 @@ from torch import Tensor
 from torch.nn import Parameter
 from torch.utils.checkpoint import checkpoint
 
-from nerfstudio_splat_ext.generative.diffusion.denoiser import GaussianMapDenoiser, fit_base_width
+from nerfstudio_splat_ext.generative.diffusion.denoiser import (
+    GaussianMapDenoiser,
+    fit_base_width,
+    teacher_initialised_denoiser,
+)
 from nerfstudio_splat_ext.generative.diffusion.schedule import DiffusionSchedule, ddim_timesteps
 from nerfstudio_splat_ext.generative.networks.unet import count_parameters
 from nerfstudio_splat_ext.generative.pipeline import ObjectsModel, composite, psnr
@@ -65,6 +69,11 @@ class SplatExtDiffusionModelConfig(ModelConfig):
     """DDIM steps from the start level to the clean map (training and inference)."""
     bootstrap_steps: int = 2000
     """Training steps of stage 1 (bootstrap); stage 2 afterwards."""
+    denoiser_init: Literal["scratch", "teacher"] = "scratch"
+    """'teacher': the denoiser starts as the teacher's network (its weights; zero weights on the noisy map and the
+    level, which enters as an input plane; the deepest decoder attention left out to stay within the teacher's
+    parameter count), so training starts from the teacher's quality; the denoiser_* settings below then do not
+    apply. 'scratch': a new time-conditioned U-Net of the settings below."""
     denoiser_base_width: Optional[int] = None
     """U-Net width of the denoiser; None: the widest whose parameter count is at most the teacher's."""
     denoiser_channel_mults: Optional[Tuple[int, ...]] = None
@@ -159,13 +168,16 @@ class SplatExtDiffusionModel(ObjectsModel):
         self.schedule = DiffusionSchedule(cfg.num_timesteps, cfg.schedule)
 
         tcfg = teacher.config
-        mults = tuple(cfg.denoiser_channel_mults or tcfg.channel_mults)
-        blocks = int(cfg.denoiser_num_res_blocks or tcfg.num_res_blocks)
-        attn = tuple(tcfg.attention_levels if cfg.denoiser_attention_levels is None else cfg.denoiser_attention_levels)
         rays = bool(getattr(tcfg, "ray_conditioning", True) if cfg.ray_conditioning is None else cfg.ray_conditioning)
-        width = cfg.denoiser_base_width or fit_base_width(self.teacher_parameter_count, mults, blocks, attn, rays)
-        self.denoiser = GaussianMapDenoiser(width, mults, blocks, attn, rays)
-        self._init_output_layer(teacher)
+        if cfg.denoiser_init == "teacher":
+            self.denoiser = teacher_initialised_denoiser(teacher.unet, rays, cfg.num_timesteps)
+        else:
+            mults = tuple(cfg.denoiser_channel_mults or tcfg.channel_mults)
+            blocks = int(cfg.denoiser_num_res_blocks or tcfg.num_res_blocks)
+            attn = tuple(tcfg.attention_levels if cfg.denoiser_attention_levels is None else cfg.denoiser_attention_levels)
+            width = cfg.denoiser_base_width or fit_base_width(self.teacher_parameter_count, mults, blocks, attn, rays)
+            self.denoiser = GaussianMapDenoiser(width, mults, blocks, attn, rays)
+            self._init_output_layer(teacher)
         self.student_parameter_count = count_parameters(self.denoiser)
         if cfg.enforce_parameter_budget and self.student_parameter_count > self.teacher_parameter_count:
             raise ValueError(

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from nerfstudio_splat_ext.generative.networks.unet import UNet, count_parameters
+from nerfstudio_splat_ext.generative.networks.unet import AttentionBlock, UNet, count_parameters
 from nerfstudio_splat_ext.generative.pixel_gaussians import GAUSSIAN_MAP_CHANNELS, activate_raw, pixel_rays
 
 IMAGE_CHANNELS = 3
@@ -23,8 +23,12 @@ def plucker_rays(c2w: Tensor, intrinsics: Tensor, height: int, width: int) -> Te
 
 
 class GaussianMapDenoiser(nn.Module):
-    """A time-conditioned U-Net over ``[noisy map (15 ch), source image (3 ch), pixel rays (6 ch)]`` predicting the
-    clean map (x0).
+    """A time-conditioned U-Net over ``[noisy map (15 ch), (level plane (1 ch),) source image (3 ch), pixel rays
+    (6 ch)]`` predicting the clean map (x0).
+
+    The level t reaches the network by FiLM in every residual block (``time_conditioning="film"``) or as one constant
+    input plane t / num_timesteps (``"input"``: almost no parameters, so a teacher's U-Net can be reused as it is;
+    see :func:`teacher_initialised_denoiser`).
 
     The source image is the condition (concatenated channel-wise: the map is pixel-aligned with it). The Plücker
     rays (``ray_conditioning``) tell the network how the world frame, in which the map's offsets and rotations are
@@ -39,18 +43,31 @@ class GaussianMapDenoiser(nn.Module):
         num_res_blocks: int = 1,
         attention_levels: Sequence[int] = (),
         ray_conditioning: bool = True,
+        time_conditioning: Literal["film", "input"] = "film",
+        decoder_attention_levels: Optional[Sequence[int]] = None,
+        num_timesteps: int = 100,
     ) -> None:
         super().__init__()
+        if time_conditioning not in ("film", "input"):
+            raise ValueError(f"time_conditioning must be 'film' or 'input', got {time_conditioning!r}")
         self.ray_conditioning = ray_conditioning
+        self.time_conditioning = time_conditioning
+        self.num_timesteps = num_timesteps
+        level_planes = 1 if time_conditioning == "input" else 0
         self.unet = UNet(
-            in_channels=GAUSSIAN_MAP_CHANNELS + IMAGE_CHANNELS + (RAY_CHANNELS if ray_conditioning else 0),
+            in_channels=GAUSSIAN_MAP_CHANNELS + level_planes + self.condition_channels,
             out_channels=GAUSSIAN_MAP_CHANNELS,
             base_width=base_width,
             channel_mults=channel_mults,
             num_res_blocks=num_res_blocks,
             attention_levels=attention_levels,
-            time_embedding=True,
+            time_embedding=time_conditioning == "film",
+            decoder_attention_levels=decoder_attention_levels,
         )
+
+    @property
+    def condition_channels(self) -> int:
+        return IMAGE_CHANNELS + (RAY_CHANNELS if self.ray_conditioning else 0)
 
     @property
     def size_multiple(self) -> int:
@@ -73,7 +90,66 @@ class GaussianMapDenoiser(nn.Module):
         -> predicted clean canonical map [B, 15, H, W] in [-1, 1]."""
         if cond.shape[0] != x_t.shape[0] or cond.shape[-2:] != x_t.shape[-2:]:
             raise ValueError(f"condition {tuple(cond.shape)} does not match the noisy map {tuple(x_t.shape)} (same B, H, W)")
-        return activate_raw(self.unet(torch.cat([x_t, cond], dim=1), t.float()))
+        if self.time_conditioning == "film":
+            return activate_raw(self.unet(torch.cat([x_t, cond], dim=1), t.float()))
+        b, _, h, w = x_t.shape
+        level = (t.float().reshape(-1) / self.num_timesteps).to(x_t).expand(b)[:, None, None, None].expand(b, 1, h, w)
+        return activate_raw(self.unet(torch.cat([x_t, level, cond], dim=1)))
+
+
+def _attention_levels(blocks: nn.ModuleList, decoder: bool) -> list:
+    """Levels (0 = full resolution) of a U-Net's encoder (or decoder: its lists run deepest first) with attention."""
+    n = len(blocks)
+    return [(n - 1 - i) if decoder else i for i, block in enumerate(blocks) if isinstance(block, AttentionBlock)]
+
+
+def teacher_initialised_denoiser(teacher_unet: UNet, ray_conditioning: bool, num_timesteps: int) -> GaussianMapDenoiser:
+    """A denoiser that starts as the teacher's network: same levels, widths and weights, its input convolution
+    extended by zero weights for the noisy map and the level plane, so that at initialisation it returns the
+    teacher's map whatever the noise.
+
+    To stay within the teacher's parameter count (the method's claim), the decoder's attention block at the deepest
+    level is left out: it pays for the new input weights (on the default teacher 264k parameters against 9k; leaving
+    it out costs the trained teacher 0.1 dB before any training of the student). Raises ValueError when the teacher
+    has no such block or its input is not the denoiser's condition.
+    """
+    levels = len(teacher_unet.channel_mults)
+    encoder_attn = _attention_levels(teacher_unet.down_attn, decoder=False)
+    decoder_attn = _attention_levels(teacher_unet.up_attn, decoder=True)
+    if levels - 1 not in decoder_attn:
+        raise ValueError(
+            "a teacher-initialised denoiser drops the teacher's deepest decoder attention block to stay within its "
+            f"parameter count, but this teacher has none (attention at decoder levels {sorted(decoder_attn)}); "
+            "use --pipeline.model.denoiser-init scratch"
+        )
+    denoiser = GaussianMapDenoiser(
+        teacher_unet.base_width,
+        teacher_unet.channel_mults,
+        len(teacher_unet.down_blocks[0]),
+        encoder_attn,
+        ray_conditioning,
+        time_conditioning="input",
+        decoder_attention_levels=[lvl for lvl in decoder_attn if lvl != levels - 1],
+        num_timesteps=num_timesteps,
+    )
+    if teacher_unet.in_channels != denoiser.condition_channels:
+        raise ValueError(
+            f"the teacher's network reads {teacher_unet.in_channels} channels, the denoiser's condition has "
+            f"{denoiser.condition_channels} (ray conditioning {ray_conditioning}); they must be the same"
+        )
+    source = teacher_unet.state_dict()
+    own = denoiser.unet.state_dict()
+    with torch.no_grad():
+        for name, value in own.items():
+            if name == "in_conv.weight":  # [width, map + level + condition, 3, 3]: the condition's part is the teacher's
+                value.zero_()
+                value[:, -teacher_unet.in_channels :] = source[name]
+            elif name not in source or source[name].shape != value.shape:
+                raise ValueError(f"the teacher's network has no parameter {name} of shape {tuple(value.shape)}")
+            else:
+                value.copy_(source[name])
+    denoiser.unet.load_state_dict(own)
+    return denoiser
 
 
 def fit_base_width(

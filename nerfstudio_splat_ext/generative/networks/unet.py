@@ -2,9 +2,10 @@
 
 Levels ``i = 0 .. L-1`` run at resolution ``H / 2**i`` with ``base_width * channel_mults[i]`` channels; each holds
 ``num_res_blocks`` residual blocks (GroupNorm, SiLU, 3x3 convolutions) and, for ``i in attention_levels``, a
-self-attention block. The decoder mirrors the encoder and concatenates the encoder's features of the same level.
-With ``time_embedding=True`` a sinusoidal embedding of the (float) timestep goes through a small MLP and shifts /
-scales the features of every residual block (FiLM).
+self-attention block (the decoder's: ``decoder_attention_levels``, by default the same). The decoder mirrors the
+encoder and concatenates the encoder's features of the same level. With ``time_embedding=True`` a sinusoidal
+embedding of the (float) timestep goes through a small MLP and shifts / scales the features of every residual block
+(FiLM).
 """
 
 from __future__ import annotations
@@ -94,12 +95,14 @@ class UNet(nn.Module):
         num_res_blocks: int = 1,
         attention_levels: Sequence[int] = (),
         time_embedding: bool = False,
+        decoder_attention_levels: Optional[Sequence[int]] = None,
     ) -> None:
         super().__init__()
         if len(channel_mults) < 1 or num_res_blocks < 1 or base_width < 1:
             raise ValueError("UNet needs at least one level, one residual block per level and base_width >= 1")
         levels = len(channel_mults)
-        bad = [a for a in attention_levels if not 0 <= a < levels]
+        decoder_attention_levels = attention_levels if decoder_attention_levels is None else decoder_attention_levels
+        bad = [a for a in (*attention_levels, *decoder_attention_levels) if not 0 <= a < levels]
         if bad:
             raise ValueError(f"attention_levels {bad} outside the {levels} levels 0..{levels - 1}")
         self.in_channels, self.out_channels = in_channels, out_channels
@@ -141,7 +144,7 @@ class UNet(nn.Module):
                 blocks.append(ResBlock(w, w, emb_dim))
             ch = w
             self.up_blocks.append(nn.ModuleList(blocks))
-            self.up_attn.append(AttentionBlock(w) if i in attention_levels else nn.Identity())
+            self.up_attn.append(AttentionBlock(w) if i in decoder_attention_levels else nn.Identity())
             self.upsamples.append(nn.Conv2d(w, w, 3, padding=1) if i > 0 else nn.Identity())
 
         self.out_norm = _norm(ch)
