@@ -170,6 +170,15 @@ def pixel_rays(c2w: Tensor, intrinsics: Tensor, width: int, height: int) -> Tupl
     return c2w[:, :3, 3], dirs / dirs.norm(dim=-1, keepdim=True)
 
 
+def plucker_rays(c2w: Tensor, intrinsics: Tensor, height: int, width: int) -> Tensor:
+    """Plücker coordinates [B, 6, H, W] (unit direction d, moment o x d; world frame) of the pixel rays of cameras
+    c2w [B, 4, 4] (OpenGL) with intrinsics [B, 4]: the ray input of the teacher's and the denoiser's networks (one
+    function, so that a denoiser started from the teacher reads the same input)."""
+    origin, dirs = pixel_rays(c2w, intrinsics, width, height)  # [B, 3], [B, HW, 3]
+    moment = torch.linalg.cross(origin[:, None, :].expand_as(dirs), dirs, dim=-1)
+    return torch.cat([dirs, moment], dim=-1).transpose(1, 2).reshape(c2w.shape[0], 6, height, width)
+
+
 def decode_gaussian_map(
     canonical: Tensor, c2w: Tensor, intrinsics: Tensor, cfg: GaussianMapConfig = GaussianMapConfig()
 ) -> PixelGaussians:

@@ -34,7 +34,7 @@ from nerfstudio_splat_ext.generative.pixel_gaussians import (
     PixelGaussians,
     activate_raw,
     decode_gaussian_map,
-    pixel_rays,
+    plucker_rays,
     render_pixel_gaussians,
 )
 from nerfstudio_splat_ext.render.backend import RenderBackend
@@ -135,14 +135,11 @@ class SplatExtImageModel(ObjectsModel):
         """source_rgb [B, H, W, 3] in [0, 1] (on the background) -> U-Net input [B, 3 (+6), H, W]."""
         if source_rgb.dim() != 4 or source_rgb.shape[-1] != 3:
             raise ValueError(f"source_rgb must be [B, H, W, 3] composited on the background, got {tuple(source_rgb.shape)}")
-        b, h, w, _ = source_rgb.shape
+        h, w = source_rgb.shape[1:3]
         x = source_rgb.permute(0, 3, 1, 2) * 2.0 - 1.0
         if not self.config.ray_conditioning:
             return x
-        origin, dirs = pixel_rays(c2w.to(x.dtype), intrinsics.to(x.dtype), w, h)  # [B, 3], [B, HW, 3]
-        moment = torch.linalg.cross(origin[:, None, :].expand_as(dirs), dirs, dim=-1)
-        rays = torch.cat([dirs, moment], dim=-1).transpose(1, 2).reshape(b, 6, h, w)
-        return torch.cat([x, rays], dim=1)
+        return torch.cat([x, plucker_rays(c2w.to(x.dtype), intrinsics.to(x.dtype), h, w)], dim=1)
 
     def predict_canonical(self, source_rgb: Tensor, source_c2w: Tensor, source_intrinsics: Tensor) -> Tensor:
         """Canonical Gaussian map [B, 15, H, W] in [-1, 1] of source_rgb [B, H, W, 3] (on the background) seen

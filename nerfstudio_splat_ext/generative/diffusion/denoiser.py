@@ -8,18 +8,10 @@ import torch
 from torch import Tensor, nn
 
 from nerfstudio_splat_ext.generative.networks.unet import AttentionBlock, UNet, count_parameters
-from nerfstudio_splat_ext.generative.pixel_gaussians import GAUSSIAN_MAP_CHANNELS, activate_raw, pixel_rays
+from nerfstudio_splat_ext.generative.pixel_gaussians import GAUSSIAN_MAP_CHANNELS, activate_raw, plucker_rays
 
 IMAGE_CHANNELS = 3
 RAY_CHANNELS = 6
-
-
-def plucker_rays(c2w: Tensor, intrinsics: Tensor, height: int, width: int) -> Tensor:
-    """Plücker coordinates [B, 6, H, W] (unit direction d, moment o x d; world frame) of the pixel rays of cameras
-    c2w [B, 4, 4] (OpenGL) with intrinsics [B, 4]."""
-    origin, dirs = pixel_rays(c2w, intrinsics, width, height)  # [B, 3], [B, HW, 3]
-    moment = torch.linalg.cross(origin[:, None, :].expand_as(dirs), dirs, dim=-1)
-    return torch.cat([dirs, moment], dim=-1).transpose(1, 2).reshape(c2w.shape[0], RAY_CHANNELS, height, width)
 
 
 class GaussianMapDenoiser(nn.Module):
