@@ -221,7 +221,7 @@ def test_teacher_initialised_denoiser_starts_as_the_teacher(objects: Path, teach
             got = model.denoiser(torch.randn(2, 15, RES, RES) * 3, t, cond)  # any noisy map: its weights start at 0
             assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
         assert not torch.allclose(deep.predict_canonical(*args), expected, atol=1e-3)  # the left-out block mattered
-    # after one optimiser step the noisy map and the level reach the output
+    # the loss reaches the (zero) input weights of the noisy map and the level
     out = model.forward_batch(batch, 0)
     sum(model.get_loss_dict(out, batch, {}).values()).backward()
     assert model.denoiser.unet.in_conv.weight.grad[:, :16].abs().sum() > 0

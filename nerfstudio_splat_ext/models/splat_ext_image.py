@@ -34,7 +34,7 @@ from nerfstudio_splat_ext.generative.pixel_gaussians import (
     PixelGaussians,
     activate_raw,
     decode_gaussian_map,
-    plucker_rays,
+    image_and_rays,
     render_pixel_gaussians,
 )
 from nerfstudio_splat_ext.render.backend import RenderBackend
@@ -133,13 +133,7 @@ class SplatExtImageModel(ObjectsModel):
     # --------------------------------------------------------------------------------------- prediction
     def network_input(self, source_rgb: Tensor, c2w: Tensor, intrinsics: Tensor) -> Tensor:
         """source_rgb [B, H, W, 3] in [0, 1] (on the background) -> U-Net input [B, 3 (+6), H, W]."""
-        if source_rgb.dim() != 4 or source_rgb.shape[-1] != 3:
-            raise ValueError(f"source_rgb must be [B, H, W, 3] composited on the background, got {tuple(source_rgb.shape)}")
-        h, w = source_rgb.shape[1:3]
-        x = source_rgb.permute(0, 3, 1, 2) * 2.0 - 1.0
-        if not self.config.ray_conditioning:
-            return x
-        return torch.cat([x, plucker_rays(c2w.to(x.dtype), intrinsics.to(x.dtype), h, w)], dim=1)
+        return image_and_rays(source_rgb, c2w, intrinsics, self.config.ray_conditioning)
 
     def predict_canonical(self, source_rgb: Tensor, source_c2w: Tensor, source_intrinsics: Tensor) -> Tensor:
         """Canonical Gaussian map [B, 15, H, W] in [-1, 1] of source_rgb [B, H, W, 3] (on the background) seen

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from nerfstudio_splat_ext.generative.networks.unet import AttentionBlock, UNet, count_parameters
-from nerfstudio_splat_ext.generative.pixel_gaussians import GAUSSIAN_MAP_CHANNELS, activate_raw, plucker_rays
+from nerfstudio_splat_ext.generative.pixel_gaussians import GAUSSIAN_MAP_CHANNELS, activate_raw, image_and_rays
 
 IMAGE_CHANNELS = 3
 RAY_CHANNELS = 6
@@ -68,14 +68,7 @@ class GaussianMapDenoiser(nn.Module):
     def condition(self, source_rgb: Tensor, c2w: Tensor, intrinsics: Tensor) -> Tensor:
         """The condition channels [B, 3 (+6), H, W] of source_rgb [B, H, W, 3] in [0, 1] (on the background) seen
         from c2w [B, 4, 4] with intrinsics [B, 4]: the image in the maps' symmetric range [-1, 1] (+ its rays)."""
-        if source_rgb.dim() != 4 or source_rgb.shape[-1] != IMAGE_CHANNELS:
-            raise ValueError(f"source_rgb must be [B, H, W, 3], got {tuple(source_rgb.shape)}")
-        b, h, w, _ = source_rgb.shape
-        image = source_rgb.permute(0, 3, 1, 2) * 2.0 - 1.0
-        if not self.ray_conditioning:
-            return image
-        rays = plucker_rays(c2w.to(image.dtype), intrinsics.to(image.dtype), h, w)
-        return torch.cat([image, rays], dim=1)
+        return image_and_rays(source_rgb, c2w, intrinsics, self.ray_conditioning)
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         """x_t [B, 15, H, W] noisy map, t [B] levels (long or float), cond [B, 3 (+6), H, W] from :meth:`condition`
@@ -130,9 +123,8 @@ def teacher_initialised_denoiser(teacher_unet: UNet, ray_conditioning: bool, num
             f"{denoiser.condition_channels} (ray conditioning {ray_conditioning}); they must be the same"
         )
     source = teacher_unet.state_dict()
-    own = denoiser.unet.state_dict()
-    with torch.no_grad():
-        for name, value in own.items():
+    with torch.no_grad():  # state_dict() tensors share the parameters' storage: writing them sets the weights
+        for name, value in denoiser.unet.state_dict().items():
             if name == "in_conv.weight":  # [width, map + level + condition, 3, 3]: the condition's part is the teacher's
                 value.zero_()
                 value[:, -teacher_unet.in_channels :] = source[name]
@@ -140,7 +132,6 @@ def teacher_initialised_denoiser(teacher_unet: UNet, ray_conditioning: bool, num
                 raise ValueError(f"the teacher's network has no parameter {name} of shape {tuple(value.shape)}")
             else:
                 value.copy_(source[name])
-    denoiser.unet.load_state_dict(own)
     return denoiser
 
 
