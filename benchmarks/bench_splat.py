@@ -33,9 +33,14 @@ SPLATFACTO_TUNED = [
 # splat-ext with the render-loss contribution strategy, capped at 170k Gaussians (60% of what the adc strategy
 # grows on lego).
 CONTRIBUTION = ["--pipeline.model.strategy.kind", "contribution", "--pipeline.model.strategy.max-gaussians", "170000"]
+# splat-ext with the contribution strategy growing to 290k Gaussians (about what adc grows on lego), then thinned to
+# 170k (60% of that) by rendered weight after densification.
+THINNED = ["--pipeline.model.strategy.kind", "contribution", "--pipeline.model.strategy.max-gaussians", "290000",
+           "--pipeline.model.strategy.final-gaussians", "170000"]
 METHODS: Dict[str, List[str]] = {
     "splat-ext": ["splat-ext"],
     "splat-ext-contribution": ["splat-ext", *CONTRIBUTION],
+    "splat-ext-thin": ["splat-ext", *THINNED],
     "splatfacto": ["splatfacto"],
     "splatfacto-tuned": ["splatfacto", *SPLATFACTO_TUNED],
 }
@@ -75,6 +80,25 @@ def setup(self, *args, **kwargs):
     _setup(self, *args, **kwargs)
     phases["setup_end"] = time.time()
 Trainer.setup = setup
+
+# GPU time of splat-ext's contribution passes (issue 3: at most 10% of training time), from CUDA events recorded
+# around each pass: no synchronisation inside the loop.
+contribution_events = []
+try:
+    from nerfstudio_splat_ext.strategy.contribution import ContributionStrategy
+    _accumulate = ContributionStrategy._accumulate_contribution
+    def _timed_accumulate(self, *args, **kwargs):
+        if not torch.cuda.is_available():
+            return _accumulate(self, *args, **kwargs)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = _accumulate(self, *args, **kwargs)
+        end.record()
+        contribution_events.append((start, end))
+        return out
+    ContributionStrategy._accumulate_contribution = _timed_accumulate
+except ImportError:
+    pass
 _train = Trainer.train
 def train(self):
     # Wrap this trainer's own train_iteration (a subclass may override nerfstudio's): the instance attribute is what
@@ -89,7 +113,12 @@ def train(self):
     phases["first_step"] = clock["t0"]
     phases["train_end"] = time.time()
     seconds = phases["train_end"] - clock["t0"] if clock["t0"] else 0.0
-    print("BENCH_STEPS " + json.dumps({"steps": clock["steps"], "train_loop_s": seconds}), flush=True)
+    if contribution_events:
+        torch.cuda.synchronize()
+    passes_s = sum(a.elapsed_time(b) for a, b in contribution_events) / 1000.0
+    print("BENCH_STEPS " + json.dumps({"steps": clock["steps"], "train_loop_s": seconds,
+                                       "contribution_passes": len(contribution_events),
+                                       "contribution_gpu_s": passes_s}), flush=True)
 Trainer.train = train
 
 def _report():  # registered before training starts: runs after the exit handlers that training registers
@@ -185,6 +214,8 @@ def train(
         "peak_gpu_mem_bytes": peak,
         "steps": loop.get("steps", steps),
         "train_loop_s": loop.get("train_loop_s"),
+        "contribution_passes": loop.get("contribution_passes", 0),
+        "contribution_gpu_s": loop.get("contribution_gpu_s", 0.0),
         "phases_s": phase_breakdown(marks, t0, t_end),
     }
 
@@ -306,14 +337,22 @@ def write_side_by_side(images: dict, order: List[str], path: Path, size: int = 2
         Image.fromarray((strip.numpy() * 255).round().astype("uint8")).save(path)
 
 
+def contribution_share(run: dict) -> str:
+    passes, gpu_s, loop_s = run.get("contribution_passes", 0), run.get("contribution_gpu_s", 0.0), run.get("train_loop_s")
+    if not passes or not loop_s:
+        return "none"
+    return f"{passes}: {gpu_s:.1f} s, {100.0 * gpu_s / loop_s:.1f}%"
+
+
 def markdown(results: List[dict]) -> str:
-    rows = ["| method | test PSNR (std) | SSIM | LPIPS | train wall time | Gaussians | peak GPU memory |", "|---|---|---|---|---|---|---|"]
+    rows = ["| method | test PSNR (std) | SSIM | LPIPS | train wall time | Gaussians | peak GPU memory | contribution passes (GPU time, share of the loop) |",
+            "|---|---|---|---|---|---|---|---|"]
     for r in results:
         lpips = r.get("lpips")
         lp = f"{lpips:.4f}" if lpips is not None and lpips == lpips else "n/a (weights offline)"  # None or NaN
         rows.append(
             f"| {r['method']} | {r['psnr']:.2f} ({r['psnr_std']:.2f}) | {r['ssim']:.4f} | {lp} | {r['train_wall_s']:.0f} s | "
-            f"{r['num_gaussians']:,} | {r['peak_gpu_mem_bytes'] / 2**30:.2f} GiB |"
+            f"{r['num_gaussians']:,} | {r['peak_gpu_mem_bytes'] / 2**30:.2f} GiB | {contribution_share(r)} |"
         )
     return "\n".join(rows)
 

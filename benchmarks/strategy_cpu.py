@@ -56,6 +56,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[42])
     parser.add_argument("--gradient-gated", action="store_true",
                         help="also run the contribution strategy without fill_budget")
+    parser.add_argument("--variants", nargs="+", choices=["capped", "thin"], default=["capped"],
+                        help="capped: the contribution strategy capped at --cap-fraction of adc's count all run; thin: "
+                        "capped at adc's count, then thinned to --cap-fraction of it after densification")
+    parser.add_argument("--thin-window", type=int, default=100, help="steps of the thinning window")
     args = parser.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     common = ["--pipeline.model.strategy.refine-every", str(args.refine_every)]
@@ -66,10 +70,17 @@ def main() -> None:
         cap = int(args.cap_fraction * adc["num_gaussians"])
         contribution = [*common, "--pipeline.model.strategy.kind", "contribution",
                         "--pipeline.model.strategy.max-gaussians", str(cap)]
-        for fill in (True, False) if args.gradient_gated else (True,):
+        for fill in ((True, False) if args.gradient_gated else (True,)) if "capped" in args.variants else ():
             name = ("contribution" if fill else "contribution-gradient-gated") + f"-s{seed}"
             rows.append(train_and_eval(name, args.data, args.out_dir, args.steps,
                                        [*contribution, "--pipeline.model.strategy.fill-budget", str(fill)],
+                                       args.num_random, seed))
+        if "thin" in args.variants:
+            thin = [*common, "--pipeline.model.strategy.kind", "contribution",
+                    "--pipeline.model.strategy.max-gaussians", str(adc["num_gaussians"]),
+                    "--pipeline.model.strategy.final-gaussians", str(cap),
+                    "--pipeline.model.strategy.thin-window", str(args.thin_window)]
+            rows.append(train_and_eval(f"contribution-thin-s{seed}", args.data, args.out_dir, args.steps, thin,
                                        args.num_random, seed))
     (args.out_dir / "results.json").write_text(json.dumps(rows, indent=1))
     print("| variant | seed | test PSNR | SSIM | Gaussians | train wall |\n|---|---|---|---|---|---|")

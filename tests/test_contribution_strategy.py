@@ -227,3 +227,66 @@ def test_contribution_without_a_cap_is_budgeted_at_twice_the_initial_count():
     assert s.budget_at(30, n0) == 2 * n0
     assert max(counts) <= 2 * n0 and counts[-1] > n0  # grows, up to the default budget and no further
     assert ContributionStrategy(kind="adc").budget_at(30, n0) is None  # adc stays unbudgeted unless asked
+
+
+def test_thinning_keeps_the_gaussians_that_render_and_stops_at_final_gaussians():
+    """A visible plane of Gaussians with as many again hidden behind it: densification ends (refine_stop_iter) with a
+    window of contribution passes on every step, then thinning to final_gaussians keeps the visible ones, so the
+    render barely changes (far less than when the same number is removed at random) and no pass runs after it."""
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    grid = torch.linspace(-0.9, 0.9, 8)
+    xy = torch.stack(torch.meshgrid(grid, grid, indexing="ij"), -1).reshape(-1, 2)
+    n_front = xy.shape[0]
+    hidden_xy = (torch.rand(n_front, 2, generator=gen) * 2 - 1) * 0.7
+    means = torch.cat([torch.cat([xy, torch.zeros(n_front, 1)], -1),
+                       torch.cat([hidden_xy, 0.3 + torch.rand(n_front, 1, generator=gen)], -1)])
+    n = means.shape[0]
+    colors = torch.rand(n, 3, generator=gen)
+    log_scales = torch.log(torch.full((n, 3), 0.14))
+    opacity_logits = torch.logit(torch.full((n,), 0.97))
+
+    def render(m, s, o, c):
+        return _render(m, torch.exp(s), torch.sigmoid(o).reshape(-1), c)
+
+    with torch.no_grad():
+        full, _, _ = render(means, log_scales, opacity_logits, colors)
+    params, optimizers = make_gaussians(n=n, warm_steps=0)
+    with torch.no_grad():
+        params["features_dc"].copy_(colors)
+        params["means"].copy_(means)
+        params["scales"].copy_(log_scales)
+        params["opacities"].copy_(opacity_logits[:, None])
+    strategy = ContributionStrategy(kind="contribution", refine_start_iter=0, refine_every=1000, refine_stop_iter=3,
+                                    reset_every=1000, final_gaussians=n_front, thin_window=4)
+    state = strategy.initialize_state(scene_extent=10.0)
+    assert [strategy.wants_contribution(s) for s in range(9)] == [True, False, False, True, True, True, True, False,
+                                                                  False]
+    counts = []
+    for step in range(3, 9):
+        c = params["features_dc"].detach()
+        rgb, _, info = _render(params["means"], torch.exp(params["scales"]), torch.sigmoid(params["opacities"]).reshape(-1), c)
+        rgb.retain_grad()
+        strategy.step_pre_backward(params, optimizers, state, step, info)
+        ((rgb - full.detach()) ** 2 + 0.01 * rgb).mean().backward()  # a non-zero dL/dC at the optimum too
+        if strategy.wants_contribution(step):
+            info["contribution"] = {
+                "means2d": info["means2d"].detach(), "conics": info["conics"].detach(),
+                "opacities": info["opacities"].detach(), "colors": c[None], "backgrounds": None,
+                "grad_colors": rgb.grad, "isect_offsets": None, "flatten_ids": None, "radii": info["radii"],
+                "depths": info["depths"].detach(), "image_width": 48, "image_height": 48, "tile_size": 16,
+            }
+        stats = strategy.step_post_backward(params, optimizers, state, step, info)
+        counts.append(check_layout(params, optimizers, state))
+        if step == 6:
+            assert stats["n_total"] == n_front and stats["n_pruned"] == n - n_front, stats
+    assert counts == [n] * 3 + [n_front] * 3
+    kept_front = int((params["means"].detach()[:, 2] == 0).sum())
+    assert kept_front >= 0.9 * n_front, kept_front
+
+    with torch.no_grad():
+        thinned, _, _ = render(params["means"], params["scales"], params["opacities"], params["features_dc"])
+        keep = torch.randperm(n, generator=gen)[:n_front]
+        random, _, _ = render(means[keep], log_scales[keep], opacity_logits[keep], colors[keep])
+    thinned_err = float(((thinned - full) ** 2).mean())
+    random_err = float(((random - full) ** 2).mean())
+    assert thinned_err < 0.1 * random_err, (thinned_err, random_err)
