@@ -70,7 +70,8 @@ def main() -> None:
         cap = int(args.cap_fraction * adc["num_gaussians"])
         contribution = [*common, "--pipeline.model.strategy.kind", "contribution",
                         "--pipeline.model.strategy.max-gaussians", str(cap)]
-        for fill in ((True, False) if args.gradient_gated else (True,)) if "capped" in args.variants else ():
+        fills = ((True, False) if args.gradient_gated else (True,)) if "capped" in args.variants else ()
+        for fill in fills:
             name = ("contribution" if fill else "contribution-gradient-gated") + f"-s{seed}"
             rows.append(train_and_eval(name, args.data, args.out_dir, args.steps,
                                        [*contribution, "--pipeline.model.strategy.fill-budget", str(fill)],
