@@ -67,6 +67,16 @@ def _render(means, scales, opacities, colors, width=48, height=48):
                                    packed=False, near_plane=0.01, far_plane=100.0)
 
 
+def _contribution_inputs(info, colors, grad_colors, size=48):
+    """What the model hands the strategy for a contribution pass, from a reference render of `_render`."""
+    return {
+        "means2d": info["means2d"].detach(), "conics": info["conics"].detach(),
+        "opacities": info["opacities"].detach(), "colors": colors[None], "backgrounds": None,
+        "grad_colors": grad_colors, "isect_offsets": None, "flatten_ids": None, "radii": info["radii"],
+        "depths": info["depths"].detach(), "image_width": size, "image_height": size, "tile_size": 16,
+    }
+
+
 def test_contribution_pass_prunes_the_gaussians_that_hurt():
     """Good Gaussians tile a plane and make the target; junk Gaussians in front of them have wrong colours. After a
     few contribution passes the refinement removes (nearly) all junk and keeps (nearly) all good ones."""
@@ -100,12 +110,7 @@ def test_contribution_pass_prunes_the_gaussians_that_hurt():
         rgb.retain_grad()
         strategy.step_pre_backward(params, optimizers, state, step, info)
         ((rgb - target) ** 2).mean().backward()
-        info["contribution"] = {
-            "means2d": info["means2d"].detach(), "conics": info["conics"].detach(),
-            "opacities": info["opacities"].detach(), "colors": colors[None], "backgrounds": None,
-            "grad_colors": rgb.grad, "isect_offsets": None, "flatten_ids": None, "radii": info["radii"],
-            "depths": info["depths"].detach(), "image_width": 48, "image_height": 48, "tile_size": 16,
-        }
+        info["contribution"] = _contribution_inputs(info, colors, rgb.grad)
         stats = strategy.step_post_backward(params, optimizers, state, step, info)
     assert stats and stats["n_pruned"] > 0
     survivors = params["features_dc"].shape[0]
@@ -269,12 +274,7 @@ def test_thinning_keeps_the_gaussians_that_render_and_stops_at_final_gaussians()
         strategy.step_pre_backward(params, optimizers, state, step, info)
         ((rgb - full.detach()) ** 2 + 0.01 * rgb).mean().backward()  # a non-zero dL/dC at the optimum too
         if strategy.wants_contribution(step):
-            info["contribution"] = {
-                "means2d": info["means2d"].detach(), "conics": info["conics"].detach(),
-                "opacities": info["opacities"].detach(), "colors": c[None], "backgrounds": None,
-                "grad_colors": rgb.grad, "isect_offsets": None, "flatten_ids": None, "radii": info["radii"],
-                "depths": info["depths"].detach(), "image_width": 48, "image_height": 48, "tile_size": 16,
-            }
+            info["contribution"] = _contribution_inputs(info, c, rgb.grad)
         stats = strategy.step_post_backward(params, optimizers, state, step, info)
         counts.append(check_layout(params, optimizers, state))
         if step == 6:
