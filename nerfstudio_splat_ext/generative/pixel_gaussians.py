@@ -170,12 +170,21 @@ def pixel_rays(c2w: Tensor, intrinsics: Tensor, width: int, height: int) -> Tupl
     return c2w[:, :3, 3], dirs / dirs.norm(dim=-1, keepdim=True)
 
 
+IMAGE_CHANNELS = 3
+RAY_CHANNELS = 6  # Plücker: direction and moment
+
+
+def image_and_rays_channels(with_rays: bool = True) -> int:
+    """How many channels :func:`image_and_rays` returns."""
+    return IMAGE_CHANNELS + (RAY_CHANNELS if with_rays else 0)
+
+
 def image_and_rays(source_rgb: Tensor, c2w: Tensor, intrinsics: Tensor, with_rays: bool = True) -> Tensor:
     """The networks' view of a source image: [B, 3 (+6), H, W], the image source_rgb [B, H, W, 3] in [0, 1] (on
     the background) mapped to the maps' symmetric range [-1, 1], then (``with_rays``) the Plücker coordinates (unit
     direction d, moment o x d; world frame) of the pixel rays of cameras c2w [B, 4, 4] (OpenGL) with intrinsics
     [B, 4]. The teacher's and the denoiser's input both: a denoiser started from the teacher must read exactly it."""
-    if source_rgb.dim() != 4 or source_rgb.shape[-1] != 3:
+    if source_rgb.dim() != 4 or source_rgb.shape[-1] != IMAGE_CHANNELS:
         raise ValueError(f"source_rgb must be [B, H, W, 3] composited on the background, got {tuple(source_rgb.shape)}")
     b, h, w, _ = source_rgb.shape
     image = source_rgb.permute(0, 3, 1, 2) * 2.0 - 1.0
@@ -183,7 +192,7 @@ def image_and_rays(source_rgb: Tensor, c2w: Tensor, intrinsics: Tensor, with_ray
         return image
     origin, dirs = pixel_rays(c2w.to(image.dtype), intrinsics.to(image.dtype), w, h)  # [B, 3], [B, HW, 3]
     moment = torch.linalg.cross(origin[:, None, :].expand_as(dirs), dirs, dim=-1)
-    rays = torch.cat([dirs, moment], dim=-1).transpose(1, 2).reshape(b, 6, h, w)
+    rays = torch.cat([dirs, moment], dim=-1).transpose(1, 2).reshape(b, RAY_CHANNELS, h, w)
     return torch.cat([image, rays], dim=1)
 
 

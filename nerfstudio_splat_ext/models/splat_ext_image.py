@@ -35,6 +35,7 @@ from nerfstudio_splat_ext.generative.pixel_gaussians import (
     activate_raw,
     decode_gaussian_map,
     image_and_rays,
+    image_and_rays_channels,
     render_pixel_gaussians,
 )
 from nerfstudio_splat_ext.render.backend import RenderBackend
@@ -98,7 +99,7 @@ class SplatExtImageModel(ObjectsModel):
         super().populate_modules()
         cfg = self.config
         self.map_config: GaussianMapConfig = cfg.map
-        in_channels = 3 + (6 if cfg.ray_conditioning else 0)
+        in_channels = image_and_rays_channels(cfg.ray_conditioning)
         self.unet = UNet(
             in_channels,
             GAUSSIAN_MAP_CHANNELS,

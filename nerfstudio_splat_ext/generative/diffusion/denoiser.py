@@ -8,10 +8,12 @@ import torch
 from torch import Tensor, nn
 
 from nerfstudio_splat_ext.generative.networks.unet import AttentionBlock, UNet, count_parameters
-from nerfstudio_splat_ext.generative.pixel_gaussians import GAUSSIAN_MAP_CHANNELS, activate_raw, image_and_rays
-
-IMAGE_CHANNELS = 3
-RAY_CHANNELS = 6
+from nerfstudio_splat_ext.generative.pixel_gaussians import (
+    GAUSSIAN_MAP_CHANNELS,
+    activate_raw,
+    image_and_rays,
+    image_and_rays_channels,
+)
 
 
 class GaussianMapDenoiser(nn.Module):
@@ -59,7 +61,7 @@ class GaussianMapDenoiser(nn.Module):
 
     @property
     def condition_channels(self) -> int:
-        return IMAGE_CHANNELS + (RAY_CHANNELS if self.ray_conditioning else 0)
+        return image_and_rays_channels(self.ray_conditioning)
 
     @property
     def size_multiple(self) -> int:
