@@ -37,10 +37,14 @@ CONTRIBUTION = ["--pipeline.model.strategy.kind", "contribution", "--pipeline.mo
 # 170k (60% of that) by rendered weight after densification.
 THINNED = ["--pipeline.model.strategy.kind", "contribution", "--pipeline.model.strategy.max-gaussians", "290000",
            "--pipeline.model.strategy.final-gaussians", "170000"]
+# gsplat's 3-sigma tile lists instead of the opacity-aware ones (render/tight_tiles.py): the same render, more pairs.
+THREE_SIGMA_TILES = ["--pipeline.model.tight-tile-bounds", "False"]
 METHODS: Dict[str, List[str]] = {
     "splat-ext": ["splat-ext"],
+    "splat-ext-3sigma": ["splat-ext", *THREE_SIGMA_TILES],
     "splat-ext-contribution": ["splat-ext", *CONTRIBUTION],
     "splat-ext-thin": ["splat-ext", *THINNED],
+    "splat-ext-thin-3sigma": ["splat-ext", *THINNED, *THREE_SIGMA_TILES],
     "splatfacto": ["splatfacto"],
     "splatfacto-tuned": ["splatfacto", *SPLATFACTO_TUNED],
 }

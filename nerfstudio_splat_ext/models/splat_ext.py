@@ -121,6 +121,10 @@ class SplatExtModelConfig(SplatfactoModelConfig):
     scenes, the 3DGS rasterizer's value; scale-free for data whose poses were rescaled)."""
     render_backend: RenderBackend = "auto"
     """'auto': gsplat on CUDA, our pure-PyTorch reference on CPU."""
+    tight_tile_bounds: bool = True
+    """On GPU, list each Gaussian only in the tiles where its alpha can reach the rasterizer's 1/255 cut-off (a box
+    that shrinks with opacity; render/tight_tiles.py) instead of its 3-sigma square: the same image and gradients
+    with fewer tile pairs to sort and composite. False: gsplat.rasterization as it is."""
     reference_tile_size: int = 1
     """Tile size of the reference rasterizer on CPU. 16 reproduces gsplat's tile lists exactly; 1 (per-pixel
     bounding boxes) drops only faint tails outside each Gaussian's 3-sigma box and is much cheaper."""
@@ -413,7 +417,7 @@ class SplatExtModel(SplatfactoModel):
         self.last_size = (height, width)
 
         render_mode = "RGB+ED" if (self.config.output_depth_during_training or not self.training) else "RGB"
-        backend, rasterize = get_rasterizer(self.config.render_backend, means.device)
+        backend, rasterize = get_rasterizer(self.config.render_backend, means.device, self.config.tight_tile_bounds)
         extra = {"tile_size": self.config.reference_tile_size} if backend == "reference" else {}
         # View-dependent colours evaluated here rather than inside gsplat's rasterization, which inverts the view
         # matrices to find the camera centres (torch.inverse waits for the GPU); nerfstudio's c2w holds them.

@@ -26,16 +26,22 @@ def resolve_backend(backend: RenderBackend, device: torch.device) -> Literal["gs
     return backend
 
 
-def get_rasterizer(backend: RenderBackend, device: torch.device) -> Tuple[str, Callable]:
-    """Returns (name, function) of the rasterizer to use for tensors on `device`."""
-    return _rasterizer_for(backend, torch.device(device).type)
+def get_rasterizer(backend: RenderBackend, device: torch.device, tight_tiles: bool = False) -> Tuple[str, Callable]:
+    """Returns (name, function) of the rasterizer to use for tensors on `device`. `tight_tiles`: on gsplat, tile
+    lists bounded by each Gaussian's alpha cut-off (render/tight_tiles.py); the reference already bounds its pixel
+    pairs that way."""
+    return _rasterizer_for(backend, torch.device(device).type, tight_tiles)
 
 
 @lru_cache(maxsize=None)
-def _rasterizer_for(backend: RenderBackend, device_type: str) -> Tuple[str, Callable]:
+def _rasterizer_for(backend: RenderBackend, device_type: str, tight_tiles: bool) -> Tuple[str, Callable]:
     # Called on every training step: resolve the backend and import its module once.
     name = resolve_backend(backend, torch.device(device_type))
     if name == "gsplat":
+        if tight_tiles:
+            from nerfstudio_splat_ext.render.tight_tiles import rasterization_tight_tiles
+
+            return name, rasterization_tight_tiles
         from gsplat.rendering import rasterization
 
         return name, rasterization
