@@ -295,7 +295,8 @@ def test_first_order_ranks_like_exact_leave_one_out():
 # CUDA
 # --------------------------------------------------------------------------- #
 def test_cuda_source_compiles(tmp_path, monkeypatch):
-    """Builds csrc/contribution.{cpp,cu} with torch's JIT loader (no GPU needed; ~1 min on 2 cores)."""
+    """Builds the density-control extension (csrc/contribution.{cpp,cu}, csrc/view_stats.cu) with torch's JIT loader
+    (no GPU needed; ~1 min on 2 cores)."""
     if torch.version.cuda is None:
         pytest.skip("torch is a CPU-only build: cannot compile CUDA extensions")
     from nerfstudio_splat_ext.cuda.jit import build_extension, cuda_toolkit_root
@@ -304,8 +305,10 @@ def test_cuda_source_compiles(tmp_path, monkeypatch):
         pytest.skip("no CUDA toolkit (nvcc + headers) found")
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
-    module = build_extension("contribution_compile_test", ["contribution.cpp", "contribution.cu"], build_directory=tmp_path)
-    assert hasattr(module, "render_loss_contribution")
+    from nerfstudio_splat_ext.cuda.contribution import _EXT_SOURCES
+
+    module = build_extension("contribution_compile_test", list(_EXT_SOURCES), build_directory=tmp_path)
+    assert hasattr(module, "render_loss_contribution") and hasattr(module, "accumulate_view_stats")
 
 
 def _gsplat_case(seed: int, n: int, n_cams: int, W: int, H: int, device: torch.device):

@@ -54,7 +54,9 @@ _T_MIN = 1e-4
 _KERNEL_CHANNELS = (32, 16, 8, 4, 3, 2, 1)
 
 _EXT_NAME = "contribution"
-_EXT_SOURCES = ("contribution.cpp", "contribution.cu")
+# One extension for the density-control kernels (one JIT build): the contribution pass and the per-view
+# statistics of cuda/view_stats.py.
+_EXT_SOURCES = ("contribution.cpp", "contribution.cu", "view_stats.cu")
 
 ContributionOutputs = Tuple[Tensor, Tensor, Tensor]
 

@@ -31,6 +31,8 @@ from typing import Any, Dict, Mapping, MutableMapping, Optional
 
 import torch
 
+from nerfstudio_splat_ext.cuda.view_stats import accumulate_view_stats
+
 from . import ops
 
 __all__ = ["ADCStrategy"]
@@ -259,11 +261,10 @@ class ADCStrategy:
                 + ("absgrad (rasterize with absgrad=True)" if self.absgrad else "grad")
                 + "; call step_pre_backward before loss.backward()"
             )
-        grads = grads.detach().clone()
+        grads = grads.detach()
         width, height = float(info["width"]), float(info["height"])
         n_cameras = float(info["n_cameras"])
-        grads[..., 0] *= width / 2.0 * n_cameras
-        grads[..., 1] *= height / 2.0 * n_cameras
+        scale_x, scale_y = width / 2.0 * n_cameras, height / 2.0 * n_cameras
 
         radii = info["radii"].detach()
         n = ops.num_gaussians(params)
@@ -284,10 +285,6 @@ class ADCStrategy:
                     f"{radii.shape[1]}, but params hold {n}"
                 )
             gs_ids = None  # [C, N]: entries already sit at their Gaussian's index
-        # Invisible entries (radius 0) are weighted by 0 rather than filtered out: boolean indexing would make the
-        # host wait for the GPU every step.
-        visible = (radii > 0).float()
-
         device = grads.device
         for key in ("grad2d", "count", "max_radii2d"):
             v = state.get(key)
@@ -300,13 +297,14 @@ class ADCStrategy:
                 )
         image_size = max(width, height)
         state["image_size"] = image_size
-        norms = grads.norm(dim=-1).float() * visible
-        radii_frac = radii.float() * visible / image_size
         if gs_ids is None:
-            state["grad2d"] += norms.sum(dim=0)
-            state["count"] += visible.sum(dim=0)
-            torch.maximum(state["max_radii2d"], radii_frac.amax(dim=0), out=state["max_radii2d"])
+            accumulate_view_stats(grads, radii, scale_x, scale_y, 1.0 / image_size, state["grad2d"], state["count"],
+                                  state["max_radii2d"])
         else:
+            # Packed: entries are (camera, Gaussian) pairs of visible Gaussians only.
+            visible = (radii > 0).float()
+            norms = torch.hypot(grads[..., 0] * scale_x, grads[..., 1] * scale_y).float() * visible
+            radii_frac = radii.float() * visible / image_size
             state["grad2d"].index_add_(0, gs_ids, norms)
             state["count"].index_add_(0, gs_ids, visible)
             state["max_radii2d"].scatter_reduce_(0, gs_ids, radii_frac, reduce="amax", include_self=True)

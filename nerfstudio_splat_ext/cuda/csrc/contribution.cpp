@@ -1,5 +1,6 @@
-// Python binding of the render loss contribution kernel (contribution.cu). Checks live here so the .cu file only
-// sees well-formed float32 / int32 CUDA tensors.
+// Python binding of the density-control kernels: the render loss contribution (contribution.cu) and the per-view
+// densification statistics (view_stats.cu). Checks live here so the .cu files only see well-formed float32 / int32
+// CUDA tensors.
 
 #include <torch/extension.h>
 
@@ -20,6 +21,9 @@ void render_loss_contribution_cuda(
     at::Tensor &pixel_count,
     at::Tensor &weight_sum,
     bool accumulate_counts);
+void accumulate_view_stats_cuda(const at::Tensor &grads, const at::Tensor &radii, double scale_x, double scale_y,
+                                double inv_image_size, at::Tensor &grad2d, at::Tensor &count,
+                                at::Tensor &max_radii2d);
 }  // namespace contribution
 
 namespace {
@@ -82,10 +86,31 @@ void render_loss_contribution(
         delta_loss, pixel_count, weight_sum, accumulate_counts);
 }
 
+// Adds one view's statistics into grad2d / count / max_radii2d ([N] float32), in place.
+void accumulate_view_stats(const at::Tensor &grads,  // [C, N, 2] float32
+                           const at::Tensor &radii,  // [C, N] int32
+                           double scale_x, double scale_y, double inv_image_size, at::Tensor grad2d,
+                           at::Tensor count, at::Tensor max_radii2d) {
+    check(grads, "grads", at::kFloat);
+    check(radii, "radii", at::kInt);
+    check(grad2d, "grad2d", at::kFloat);
+    check(count, "count", at::kFloat);
+    check(max_radii2d, "max_radii2d", at::kFloat);
+    TORCH_CHECK(grads.dim() == 3 && grads.size(2) == 2, "grads must be [C, N, 2]");
+    const int64_t C = grads.size(0), N = grads.size(1);
+    TORCH_CHECK(radii.sizes() == at::IntArrayRef({C, N}), "radii must be [C, N]");
+    TORCH_CHECK(grad2d.numel() == N && count.numel() == N && max_radii2d.numel() == N,
+                "grad2d, count and max_radii2d must have N elements");
+    contribution::accumulate_view_stats_cuda(grads, radii, scale_x, scale_y, inv_image_size, grad2d, count,
+                                             max_radii2d);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-    m.doc() = "Per-Gaussian render loss contribution (first-order loss change when a Gaussian is removed)";
+    m.doc() = "Density-control kernels: render loss contribution and per-view densification statistics";
     m.def("render_loss_contribution", &render_loss_contribution,
           "Accumulate delta_loss / pixel_count / weight_sum over the pixels of all cameras (CUDA)");
+    m.def("accumulate_view_stats", &accumulate_view_stats,
+          "Add one view's densification statistics (gradient norm, visible count, max radius) in place (CUDA)");
 }
