@@ -499,17 +499,19 @@ class SplatExtModel(SplatfactoModel):
             image = image.float() / 255.0
         return self._downscale_if_required(image).to(self.device)
 
+    def composite_with_background(self, image: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+        """An RGBA image on `background` (RGB images pass through): one lerp instead of splatfacto's repeat /
+        multiply / add chain, as a training step is bound by kernel launches."""
+        if image.shape[-1] != 4:
+            return image
+        return torch.lerp(background.expand_as(image[..., :3]), image[..., :3], image[..., 3:])
+
     def _target(self, outputs, batch) -> torch.Tensor:
         """The ground-truth image composited on the render's background, computed once per step (the metrics and
         the loss both need it) and kept in `outputs`."""
         gt = outputs.get("_target")
         if gt is None:
-            image = self.get_gt_img(batch["image"])
-            if image.shape[-1] == 4:
-                # one lerp instead of splatfacto's repeat / multiply / add chain: the step is bound by launches
-                gt = torch.lerp(outputs["background"].expand_as(image[..., :3]), image[..., :3], image[..., 3:])
-            else:
-                gt = image
+            gt = self.composite_with_background(self.get_gt_img(batch["image"]), outputs["background"])
             outputs["_target"] = gt
         return gt
 
