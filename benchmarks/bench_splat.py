@@ -37,6 +37,10 @@ CONTRIBUTION = ["--pipeline.model.strategy.kind", "contribution", "--pipeline.mo
 # 170k (60% of that) by rendered weight after densification.
 THINNED = ["--pipeline.model.strategy.kind", "contribution", "--pipeline.model.strategy.max-gaussians", "290000",
            "--pipeline.model.strategy.final-gaussians", "170000"]
+# The thinning run with the budget's ramp stretched (default: it reaches max-gaussians at half of refine-stop-iter,
+# 7.5k of 15k steps): fewer Gaussians to render while densifying, the same count at the thinning.
+THINNED_RAMP_12K = [*THINNED, "--pipeline.model.strategy.budget-ramp-until", "12000"]
+THINNED_RAMP_15K = [*THINNED, "--pipeline.model.strategy.budget-ramp-until", "15000"]
 # gsplat's 3-sigma tile lists instead of the opacity-aware ones (render/tight_tiles.py): the same render, more pairs.
 THREE_SIGMA_TILES = ["--pipeline.model.tight-tile-bounds", "False"]
 METHODS: Dict[str, List[str]] = {
@@ -44,6 +48,8 @@ METHODS: Dict[str, List[str]] = {
     "splat-ext-3sigma": ["splat-ext", *THREE_SIGMA_TILES],
     "splat-ext-contribution": ["splat-ext", *CONTRIBUTION],
     "splat-ext-thin": ["splat-ext", *THINNED],
+    "splat-ext-thin-ramp12k": ["splat-ext", *THINNED_RAMP_12K],
+    "splat-ext-thin-ramp15k": ["splat-ext", *THINNED_RAMP_15K],
     "splat-ext-thin-3sigma": ["splat-ext", *THINNED, *THREE_SIGMA_TILES],
     "splatfacto": ["splatfacto"],
     "splatfacto-tuned": ["splatfacto", *SPLATFACTO_TUNED],
@@ -65,6 +71,13 @@ phases["nerfstudio_imported"] = time.time()
 # the first training step (set-up excluded), and the last finished step is checkpointed for evaluation.
 budget = float(os.environ.get("BENCH_TIME_BUDGET_S", "0") or 0)
 clock = {"t0": None, "steps": 0, "last": 0}
+# Every 500 steps: (step, seconds since the first step, Gaussians): the count curve (issue 3) and where in the run the
+# time goes. The count is a tensor's length on the host: reading it waits for nothing.
+progress = []
+def _record(trainer, step):
+    model = getattr(trainer.pipeline, "model", None)
+    count = getattr(model, "num_points", None)
+    progress.append((step, round(time.time() - clock["t0"], 3), int(count) if count is not None else None))
 class _BudgetSpent(Exception):
     pass
 def _budgeted(iteration):
@@ -73,6 +86,8 @@ def _budgeted(iteration):
             clock["t0"] = time.time()
         if budget and time.time() - clock["t0"] > budget:
             raise _BudgetSpent()
+        if step % 500 == 0:
+            _record(iteration.__self__, step)
         out = iteration(step)
         clock["steps"] += 1
         clock["last"] = step
@@ -120,9 +135,11 @@ def train(self):
     if contribution_events:
         torch.cuda.synchronize()
     passes_s = sum(a.elapsed_time(b) for a, b in contribution_events) / 1000.0
+    if clock["t0"]:
+        _record(self, clock["last"] + 1)
     print("BENCH_STEPS " + json.dumps({"steps": clock["steps"], "train_loop_s": seconds,
                                        "contribution_passes": len(contribution_events),
-                                       "contribution_gpu_s": passes_s}), flush=True)
+                                       "contribution_gpu_s": passes_s, "progress": progress}), flush=True)
 Trainer.train = train
 
 def _report():  # registered before training starts: runs after the exit handlers that training registers
@@ -225,6 +242,7 @@ def train(
         "train_loop_s": loop.get("train_loop_s"),
         "contribution_passes": loop.get("contribution_passes", 0),
         "contribution_gpu_s": loop.get("contribution_gpu_s", 0.0),
+        "progress_step_seconds_gaussians": loop.get("progress", []),
         "phases_s": phase_breakdown(marks, t0, t_end),
     }
 

@@ -18,7 +18,9 @@ from nerfstudio_splat_ext.models.splat_ext import (
     SplatExtModelConfig,
     camera_extent,
     camera_to_world_to_viewmat,
+    view_dependent_colors,
 )
+from nerfstudio_splat_ext.render.reference import spherical_harmonics_reference
 
 
 def make_model(**kwargs) -> SplatExtModel:
@@ -129,6 +131,28 @@ def test_cpu_render_and_gradients():
     assert grads is not None and torch.isfinite(grads).all() and grads.abs().sum() > 0
     assert model.info["means2d"].grad is not None  # the density control sees view-space gradients
     assert not math.isnan(float(loss))
+
+
+def test_one_camera_colours_equal_the_per_camera_path():
+    """The single-camera shortcut of view_dependent_colors (no [C,N,K,3] copy) gives each camera's colours of the
+    batched path, values and gradients."""
+    torch.manual_seed(0)
+    n = 50
+    means = torch.randn(n, 3, dtype=torch.float64, requires_grad=True)
+    f_dc = torch.randn(n, 3, dtype=torch.float64, requires_grad=True)
+    f_rest = 0.3 * torch.randn(n, 15, 3, dtype=torch.float64).requires_grad_()
+    centres = torch.randn(2, 3, dtype=torch.float64) * 4
+    batched = view_dependent_colors(spherical_harmonics_reference, 3, means, f_dc, f_rest, centres)
+    weights = torch.rand_like(batched)
+    grads_batched = torch.autograd.grad((batched * weights).sum(), (means, f_dc, f_rest))
+    singles = [view_dependent_colors(spherical_harmonics_reference, 3, means, f_dc, f_rest, centres[c : c + 1])
+               for c in range(2)]
+    assert all(single.shape == (1, n, 3) for single in singles)
+    single = torch.cat(singles)
+    torch.testing.assert_close(single, batched)
+    grads_single = torch.autograd.grad((single * weights).sum(), (means, f_dc, f_rest))
+    for a, b in zip(grads_single, grads_batched):
+        torch.testing.assert_close(a, b)
 
 
 def test_cached_training_views_render_what_the_cameras_render():

@@ -64,8 +64,13 @@ def view_dependent_colors(
     """RGB [C,N,3] of every Gaussian seen from each camera centre [C,3]: SH up to `degree`, then + 0.5 and clamped
     at 0 (the 3DGS convention, as gsplat's rasterization applies it)."""
     coeffs = torch.cat([f_dc[:, None, :], f_rest], dim=1)  # [N,K,3]
-    dirs = means[None] - centres[:, None]  # [C,N,3]
-    colors = spherical_harmonics(degree, dirs, coeffs[None].expand(centres.shape[0], -1, -1, -1))
+    if centres.shape[0] == 1:
+        # One camera (every training step): no [C,N,K,3] copy of the coefficients (the SH kernel makes its inputs
+        # contiguous) and no reduction over cameras in the backward pass.
+        colors = spherical_harmonics(degree, means - centres[0], coeffs)[None]
+    else:
+        dirs = means[None] - centres[:, None]  # [C,N,3]
+        colors = spherical_harmonics(degree, dirs, coeffs[None].expand(centres.shape[0], -1, -1, -1))
     return torch.clamp_min(colors + 0.5, 0.0)
 
 
