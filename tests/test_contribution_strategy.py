@@ -234,6 +234,21 @@ def test_contribution_without_a_cap_is_budgeted_at_twice_the_initial_count():
     assert ContributionStrategy(kind="adc").budget_at(30, n0) is None  # adc stays unbudgeted unless asked
 
 
+def test_budget_ramp_spans_densification_when_the_run_thins():
+    """Without budget_ramp_until the allowance reaches the cap at half of densification, or at its end when the run
+    thins to final_gaussians; an explicit value wins in both cases."""
+    common = dict(kind="contribution", refine_start_iter=500, refine_stop_iter=15000, max_gaussians=290_000)
+    plain, thinning = ContributionStrategy(**common), ContributionStrategy(**common, final_gaussians=170_000)
+    n0 = 100_000
+    assert plain.budget_at(7500, n0) == 290_000 and plain.budget_at(7499, n0) < 290_000
+    assert thinning.budget_at(7500, n0) < 290_000
+    assert thinning.budget_at(14999, n0) < 290_000 <= thinning.budget_at(15000, n0)
+    counts = [thinning.budget_at(step, n0) for step in range(0, 15001, 100)]
+    assert counts == sorted(counts) and counts[0] == n0  # a linear ramp from the initial count
+    explicit = ContributionStrategy(**common, final_gaussians=170_000, budget_ramp_until=7500)
+    assert [explicit.budget_at(s, n0) for s in (500, 4000, 7500)] == [plain.budget_at(s, n0) for s in (500, 4000, 7500)]
+
+
 def test_thinning_keeps_the_gaussians_that_render_and_stops_at_final_gaussians():
     """A visible plane of Gaussians with as many again hidden behind it: densification ends (refine_stop_iter) with a
     window of contribution passes on every step, then thinning to final_gaussians keeps the visible ones, so the
