@@ -37,8 +37,8 @@ CONTRIBUTION = ["--pipeline.model.strategy.kind", "contribution", "--pipeline.mo
 # densification (step 15k), then thinned to 170k (60% of that) by rendered weight.
 THINNED = ["--pipeline.model.strategy.kind", "contribution", "--pipeline.model.strategy.max-gaussians", "290000",
            "--pipeline.model.strategy.final-gaussians", "170000"]
-# The same with the budget's ramp ending earlier: at 7.5k steps (the default before 5881198's measurement, and what
-# the "splat-ext-thin" rows of BENCHMARKS.md before it ran), at 12k, and the current default 15k spelled out.
+# The same with the budget's ramp ending at 7.5k steps (the default until eb7b6cf: what the "splat-ext-thin" rows of
+# BENCHMARKS.md ran before it), at 12k, and at 15k (the default since, spelled out).
 THINNED_RAMP_7K5 = [*THINNED, "--pipeline.model.strategy.budget-ramp-until", "7500"]
 THINNED_RAMP_12K = [*THINNED, "--pipeline.model.strategy.budget-ramp-until", "12000"]
 THINNED_RAMP_15K = [*THINNED, "--pipeline.model.strategy.budget-ramp-until", "15000"]
