@@ -74,3 +74,56 @@ def test_photometric_loss_is_weighted_l1_plus_dssim():
     d_ssim = 1 - ssim(pred.permute(2, 0, 1)[None], target.permute(2, 0, 1)[None])
     assert torch.isclose(loss_fn(pred, target), 0.8 * l1 + 0.2 * d_ssim)
     assert loss_fn(target, target).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def _loss_and_grad(loss_fn, pred, target):
+    pred = pred.detach().clone().requires_grad_()
+    loss = loss_fn(pred, target)
+    loss.backward()
+    return loss.detach(), pred.grad
+
+
+def test_graphed_loss_is_the_eager_loss_off_the_gpu():
+    """On CPU tensors (and without gradients) the graphed front runs the eager loss and captures nothing."""
+    graphed = PhotometricLossConfig().setup()
+    eager = PhotometricLossConfig(cuda_graph=False).setup()
+    pred, target = torch.rand(24, 20, 3), torch.rand(24, 20, 3)
+    loss_g, grad_g = _loss_and_grad(graphed, pred, target)
+    loss_e, grad_e = _loss_and_grad(eager, pred, target)
+    assert torch.equal(loss_g, loss_e) and torch.equal(grad_g, grad_e)
+    with torch.no_grad():
+        assert torch.equal(graphed(pred, target), eager(pred, target))
+    assert graphed.graphed.captures == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graphed_loss_matches_the_eager_loss_on_the_gpu():
+    """Loss and gradient of the replayed graph equal the eager loss's on fresh images every call (so the static
+    buffers really are refilled), for two image sizes, with a non-contiguous prediction and a scaled backward."""
+    graphed = PhotometricLossConfig().setup()
+    eager = PhotometricLossConfig(cuda_graph=False).setup()
+    for h, w in ((64, 96), (64, 96), (40, 56), (64, 96)):
+        pred = torch.rand(3, h, w, device="cuda").permute(1, 2, 0)  # [H,W,3], not contiguous
+        target = torch.rand(h, w, 3, device="cuda")
+        loss_g, grad_g = _loss_and_grad(lambda p, t: 3.0 * graphed(p, t), pred, target)
+        loss_e, grad_e = _loss_and_grad(lambda p, t: 3.0 * eager(p, t), pred, target)
+        torch.testing.assert_close(loss_g, loss_e, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(grad_g, grad_e, rtol=1e-5, atol=1e-9)
+    assert graphed.graphed.captures == 2 and graphed.graphed.disabled is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graphed_loss_falls_back_to_eager_past_max_graphs():
+    from nerfstudio_splat_ext.losses.graphed import GraphedLoss
+
+    eager = PhotometricLossConfig(cuda_graph=False).setup()
+    graphed = GraphedLoss(eager, max_graphs=1)
+    small = torch.rand(16, 20, 3, device="cuda"), torch.rand(16, 20, 3, device="cuda")
+    large = torch.rand(24, 20, 3, device="cuda"), torch.rand(24, 20, 3, device="cuda")
+    _loss_and_grad(graphed, *small)
+    assert graphed.captures == 1
+    with pytest.warns(UserWarning, match="more than 1 sizes"):
+        loss_g, grad_g = _loss_and_grad(graphed, *large)
+    loss_e, grad_e = _loss_and_grad(eager, *large)
+    assert torch.equal(loss_g, loss_e) and torch.equal(grad_g, grad_e)
+    assert graphed.disabled is not None and not graphed.graphs

@@ -18,6 +18,7 @@ from nerfstudio_splat_ext.models.splat_ext import (
     SplatExtModelConfig,
     camera_extent,
     camera_to_world_to_viewmat,
+    knn_mean_distance,
     view_dependent_colors,
 )
 from nerfstudio_splat_ext.render.reference import spherical_harmonics_reference
@@ -196,3 +197,24 @@ def test_auto_strategy_and_placement_follow_the_kind_of_images():
     assert objects.strategy.kind == "adc" and objects._random_placement() == "box"
     forced = make_model(num_random=100, metadata={}, strategy=ContributionStrategy(kind="adc"))
     assert forced.strategy.kind == "adc"
+
+
+def test_initial_scales_follow_the_point_spacing():
+    """Box placement: each scale is the mean distance to the 3 nearest points. Points that the views will place
+    (photographs) skip that search: one scale, the box's mean spacing, of the same order as the searched ones."""
+    objects = make_model(num_random=4000, metadata={"background_color": torch.ones(3)})
+    photos = make_model(num_random=4000, metadata={})
+    searched = objects.gauss_params["scales"].detach()
+    means = objects.gauss_params["means"].detach()
+    assert torch.allclose(searched, torch.log(knn_mean_distance(means))[:, None].expand(-1, 3))
+    placeholder = photos.gauss_params["scales"].detach()
+    assert torch.all(placeholder == placeholder[0, 0])
+    ratio = placeholder[0, 0].exp() / searched.exp().mean()
+    assert 0.5 < ratio < 2.0, ratio
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU neighbour search needs a GPU")
+def test_gpu_neighbour_distances_match_the_kd_tree():
+    # a dense cluster far from the origin (where |a|^2 + |b|^2 - 2ab loses precision) plus scattered points
+    points = torch.cat([torch.randn(20_000, 3) * 1e-3 + 50.0, torch.rand(10_000, 3) * 100.0])
+    torch.testing.assert_close(knn_mean_distance(points.cuda()).cpu(), knn_mean_distance(points), rtol=1e-4, atol=0)

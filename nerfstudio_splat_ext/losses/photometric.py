@@ -9,6 +9,7 @@ import torch
 from nerfstudio.configs.base_config import InstantiateConfig
 
 from nerfstudio_splat_ext.losses.fused_ssim import fused_ssim
+from nerfstudio_splat_ext.losses.graphed import GraphedLoss
 from nerfstudio_splat_ext.losses.ssim import ssim
 
 
@@ -24,15 +25,24 @@ class PhotometricLossConfig(InstantiateConfig):
     fused_ssim: bool = True
     """Compute SSIM with the fused CUDA kernels where they apply (else the PyTorch reference); False always
     uses the reference."""
+    cuda_graph: bool = True
+    """While training on a GPU, replay the loss and its gradient from one CUDA graph per image size
+    (losses/graphed.py: the step is bound by kernel launches); the eager loss otherwise."""
 
 
 class PhotometricLoss(torch.nn.Module):
     def __init__(self, config: PhotometricLossConfig) -> None:
         super().__init__()
         self.config = config
+        self.graphed = GraphedLoss(self.eager_forward) if config.cuda_graph else None
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """pred, target: [H, W, 3] or [B, H, W, 3] in [0, 1]."""
+        if self.graphed is not None:
+            return self.graphed(pred, target)
+        return self.eager_forward(pred, target)
+
+    def eager_forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if pred.dim() == 3:
             pred, target = pred[None], target[None]
         l1 = torch.abs(pred - target).mean()
