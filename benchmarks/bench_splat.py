@@ -425,6 +425,7 @@ def main() -> None:
 
     def train_short(method: str) -> None:
         ours = shlex.split(args.ours) if method == "splat-ext" else []
+        (args.out_dir / "warm_up").mkdir(parents=True, exist_ok=True)
         train(method, args.data, args.warm_up_steps, args.out_dir / "warm_up", [*ours, *args.extra],
               dataparser=shlex.split(args.dataparser))
 
