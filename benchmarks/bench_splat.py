@@ -172,8 +172,9 @@ WARM_UP = (
 def warm_up(train_short: Optional[Callable[[str], None]] = None, methods: Sequence[str] = ()) -> None:
     """Imports and extensions (WARM_UP), then, with ``train_short``, a few steps of every method in its own process:
     the first process of each kind also reads the data and the modules that only a training run imports (writers,
-    dataparsers, the benchmark's own wrapper) from disk and compiles their bytecode. Without that, whichever method
-    trains first paid up to 7 s more import time than the same imports cost later (BENCHMARKS 0000000000000000)."""
+    dataparsers, the benchmark's own wrapper) from disk and compiles their bytecode, which the timed runs would
+    otherwise pay for in whichever method trains first. (It did not remove the 13-21 s spread of the import phase
+    between processes on one host: BENCHMARKS 00000000000000000.)"""
     t0 = time.time()
     subprocess.run([sys.executable, "-c", WARM_UP], check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for method in methods if train_short is not None else ():

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """GPU check: splat-ext's photometric loss replayed from a CUDA graph (losses/graphed.py) against the eager loss, on
 fresh random images of training sizes, and the wall time per training call of each (loss forward + backward,
-launches included, one synchronisation after all calls); also the GPU neighbour search of the initial scales
-against scipy's k-d tree. Exits 1 when a relative error exceeds --tol, 2 without CUDA.
+launches included, one synchronisation after all calls). Exits 1 when a relative error exceeds --tol, 2 without
+CUDA. (At `90281ed` it also timed a GPU neighbour search of the initial scales, since removed: BENCHMARKS.md
+00000000000000000.)
 
     python benchmarks/check_graphed_loss.py --out graphed_loss.json
 """
@@ -19,7 +20,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nerfstudio_splat_ext.losses.photometric import PhotometricLossConfig  # noqa: E402
-from nerfstudio_splat_ext.models.splat_ext import knn_mean_distance  # noqa: E402
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -73,24 +73,8 @@ def main() -> int:
         ok &= max(errors.values()) <= args.tol
         rows.append(row)
         print(f"| {size} | {errors['loss']:.1e} | {errors['grad']:.1e} | {row['ms_eager']:.3f} | {row['ms_graphed']:.3f} |")
-    knn_rows = []
-    for n in (100_000, 300_000):
-        points = torch.randn(n, 3) * torch.tensor([1.0, 0.5, 0.2])
-        reference = knn_mean_distance(points)
-        knn_mean_distance(points.cuda())  # CUDA libraries warmed up
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        gpu = knn_mean_distance(points.cuda()).cpu()
-        seconds = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        knn_mean_distance(points)
-        cpu_seconds = time.perf_counter() - t0
-        err = rel(gpu, reference)
-        ok &= err <= args.tol
-        knn_rows.append({"points": n, "rel_err": err, "gpu_s": seconds, "kd_tree_s": cpu_seconds})
-        print(f"neighbour search, {n} points: rel. error {err:.1e}, GPU {seconds:.3f} s, k-d tree {cpu_seconds:.3f} s")
     if args.out:
-        args.out.write_text(json.dumps({"loss": rows, "neighbours": knn_rows, "tol": args.tol,
+        args.out.write_text(json.dumps({"loss": rows, "tol": args.tol,
                                         "device": torch.cuda.get_device_name(), "pass": ok}, indent=2))
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from nerfstudio_splat_ext.model_components.graphed_mlp import _capturing, _warmed_up_stream
+from nerfstudio_splat_ext.model_components.cuda_graphs import capturing, warmed_up_stream
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -37,9 +37,9 @@ class _LossGraph:
             (grad,) = torch.autograd.grad(loss, self.pred)
             return loss, grad
 
-        side = _warmed_up_stream(run, pred.device)
+        side = warmed_up_stream(run, pred.device)
         self.graph = torch.cuda.CUDAGraph()
-        with _capturing(self.graph, torch.cuda.graph_pool_handle(), side):
+        with capturing(self.graph, torch.cuda.graph_pool_handle(), side):
             self.loss, self.grad = run()
 
 

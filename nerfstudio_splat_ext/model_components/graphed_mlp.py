@@ -14,11 +14,12 @@ gradients; a replay runs the kernels the eager module ran at capture. ``tests/te
 from __future__ import annotations
 
 from collections import OrderedDict
-from contextlib import contextmanager, nullcontext
 from typing import Callable, Tuple
 
 import torch
 from torch import Tensor, nn
+
+from nerfstudio_splat_ext.model_components.cuda_graphs import capture_autocast, capturing, warmed_up_stream
 
 
 def bucket_size(n: int, per_octave: int = 8, minimum: int = 4096) -> int:
@@ -29,40 +30,6 @@ def bucket_size(n: int, per_octave: int = 8, minimum: int = 4096) -> int:
     shift = max(0, (n - 1).bit_length() - per_octave.bit_length())
     quantum = 1 << shift
     return -(-n // quantum) * quantum
-
-
-def _capture_autocast():
-    """The caller's autocast state with the weight-cast cache off (graph capture cannot use the cache)."""
-    if not torch.is_autocast_enabled("cuda"):
-        return nullcontext()
-    return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
-
-
-@contextmanager
-def _capturing(graph: "torch.cuda.CUDAGraph", pool, stream: "torch.cuda.Stream"):
-    """Capture into ``graph`` on the side ``stream`` (a forward and its backward must share one: autograd runs a
-    backward kernel on its forward's stream). Not ``torch.cuda.graph``: that one empties the allocator's cache at
-    every capture, and the eager steps after it then pay for fresh device allocations."""
-    current = torch.cuda.current_stream(stream.device)
-    stream.wait_stream(current)
-    with torch.cuda.stream(stream):
-        graph.capture_begin(pool=pool)
-        try:
-            yield
-        finally:
-            graph.capture_end()
-    current.wait_stream(stream)
-
-
-def _warmed_up_stream(run: Callable[[], object], device: torch.device) -> "torch.cuda.Stream":
-    """A side stream on which ``run`` has run twice (library handles, workspaces) and that captures will use."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side), _capture_autocast():
-        for _ in range(2):
-            run()
-    torch.cuda.current_stream(device).wait_stream(side)
-    return side
 
 
 def _autocast_key() -> Tuple[bool, torch.dtype]:
@@ -93,15 +60,15 @@ class _TrainGraph:
             outputs = run()
             backward(outputs, tuple(torch.ones_like(o) for o in outputs))
 
-        side = _warmed_up_stream(run_both, device)
+        side = warmed_up_stream(run_both, device)
         pool = torch.cuda.graph_pool_handle()
         self.forward_graph, self.backward_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        with _capture_autocast(), _capturing(self.forward_graph, pool, side):
+        with capture_autocast(), capturing(self.forward_graph, pool, side):
             outputs = run()
         self.outputs = tuple(o.detach() for o in outputs)
         with torch.cuda.stream(side):
             self.grad_outputs = tuple(torch.zeros_like(o) for o in outputs)
-        with _capturing(self.backward_graph, pool, side):
+        with capturing(self.backward_graph, pool, side):
             self.grad_params = backward(outputs, self.grad_outputs)
         del outputs
 
@@ -161,7 +128,7 @@ class GraphedNeRFMLP:
             positions.is_cuda
             and 0 < n <= self.max_samples
             and not positions.requires_grad
-            and not torch.cuda.is_current_stream_capturing()
+            and not torch.cuda.is_current_streamcapturing()
         )
 
     def _lookup(self, cache: OrderedDict, key: tuple, capture: Callable[[], object]):
@@ -205,8 +172,8 @@ class GraphedNeRFMLP:
 
     def _capture_density(self, size: int, device: torch.device) -> tuple:
         static_in = torch.zeros(size, 3, device=device)
-        side = _warmed_up_stream(lambda: self.mlp.density(static_in), device)
+        side = warmed_up_stream(lambda: self.mlp.density(static_in), device)
         graph = torch.cuda.CUDAGraph()
-        with _capture_autocast(), _capturing(graph, torch.cuda.graph_pool_handle(), side):
+        with capture_autocast(), capturing(graph, torch.cuda.graph_pool_handle(), side):
             static_out = self.mlp.density(static_in)
         return graph, static_in, static_out

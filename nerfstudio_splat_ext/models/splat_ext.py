@@ -12,8 +12,8 @@ splats (same parameter names and layout), and replaces the parts that make the m
 from __future__ import annotations
 
 import copy
-import math
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Literal, Optional, Tuple, Type, Union
 
@@ -86,7 +86,7 @@ def knn_mean_distance(points: torch.Tensor, k: int = 3) -> torch.Tensor:
     """Mean distance of each point to its k nearest neighbours (the paper's initial scale), on the points' device.
 
     scipy's k-d tree on the host: 0.2 s for 100k points on one H100 GPU's host, where a brute-force search on the
-    GPU took 0.4 s (benchmarks/check_graphed_loss.py)."""
+    GPU took 0.4 s (BENCHMARKS.md 00000000000000000)."""
     from scipy.spatial import cKDTree
 
     pts = points.detach().cpu().double().numpy()
