@@ -128,7 +128,7 @@ class GraphedNeRFMLP:
             positions.is_cuda
             and 0 < n <= self.max_samples
             and not positions.requires_grad
-            and not torch.cuda.is_current_streamcapturing()
+            and not torch.cuda.is_current_stream_capturing()
         )
 
     def _lookup(self, cache: OrderedDict, key: tuple, capture: Callable[[], object]):
