@@ -14,6 +14,7 @@ be split across several commands; finished runs are found again through <out-dir
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -169,16 +170,16 @@ WARM_UP = (
 )
 
 
-def warm_up(train_short: Optional[Callable[[str], None]] = None, methods: Sequence[str] = ()) -> None:
-    """Imports and extensions (WARM_UP), then, with ``train_short``, a few steps of every method in its own process:
+def warm_up(short_runs: Sequence[Callable[[], object]] = ()) -> None:
+    """Imports and extensions (WARM_UP), then ``short_runs``: a few steps of every method, each in its own process:
     the first process of each kind also reads the data and the modules that only a training run imports (writers,
     dataparsers, the benchmark's own wrapper) from disk and compiles their bytecode, which the timed runs would
     otherwise pay for in whichever method trains first. (It did not remove the 13-21 s spread of the import phase
     between processes on one host: BENCHMARKS 00000000000000000.)"""
     t0 = time.time()
     subprocess.run([sys.executable, "-c", WARM_UP], check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for method in methods if train_short is not None else ():
-        train_short(method)
+    for run in short_runs:
+        run()
     print(f"[bench] imports, extensions and short runs warmed up in {time.time() - t0:.0f} s (not counted)", flush=True)
 
 
@@ -417,21 +418,20 @@ def main() -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     runs_file = args.out_dir / "runs.json"
     runs = json.loads(runs_file.read_text()) if runs_file.exists() else {}
-    def train_one(method: str, gpu: Optional[int]) -> dict:
+    def train_one(method: str, gpu: Optional[int], steps: int = args.steps, out_dir: Path = args.out_dir) -> dict:
         ours = shlex.split(args.ours) if method == "splat-ext" else []
-        run = train(method, args.data, args.steps, args.out_dir, [*ours, *args.extra],
+        run = train(method, args.data, steps, out_dir, [*ours, *args.extra],
                     dataparser=shlex.split(args.dataparser), gpu=gpu)
         print(f"[bench] {method}: trained in {run['train_wall_s']:.0f} s; phases (s): {json.dumps(run['phases_s'])}", flush=True)
         return run
 
-    def train_short(method: str) -> None:
-        ours = shlex.split(args.ours) if method == "splat-ext" else []
-        (args.out_dir / "warm_up").mkdir(parents=True, exist_ok=True)
-        train(method, args.data, args.warm_up_steps, args.out_dir / "warm_up", [*ours, *args.extra],
-              dataparser=shlex.split(args.dataparser))
-
     if not args.skip_train:
-        warm_up(train_short if args.warm_up_steps > 0 else None, args.methods)
+        short_runs = []
+        if args.warm_up_steps > 0:
+            (args.out_dir / "warm_up").mkdir(exist_ok=True)
+            short_runs = [functools.partial(train_one, m, None, args.warm_up_steps, args.out_dir / "warm_up")
+                          for m in args.methods]
+        warm_up(short_runs)
         train_methods(args.methods, args.gpus, train_one, runs, runs_file)
     if args.skip_eval:
         return
